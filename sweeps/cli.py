@@ -1,0 +1,333 @@
+"""The `bnew` command line: `bnew train` runs one trial; `bnew sweep ...` plans, runs and
+reports whole grids. Ray and MLflow are imported inside the sweep commands only, so
+`bnew train` works without them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from bnew_core.callbacks import Callback, Metrics
+from bnew_core.config import BnewError, load_trial_config
+from sweeps.report import report_command
+
+app = typer.Typer(
+    help="Train binary neural networks (BNEW, STE, BMD, BOP) one trial at a time or as Ray sweeps.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def main_options() -> None:
+    """Train binary neural networks (BNEW, STE, BMD, BOP) one trial at a time or as Ray sweeps."""
+
+
+def fail(message: str) -> None:
+    """Exit non-zero with a one-line reason on stderr."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def parse_set_option(items: list[str]) -> dict[str, Any]:
+    """`--set optimiser.lambda_rate=0.05` pairs, values parsed as YAML scalars."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            fail(f"--set {item!r}: expected KEY=VALUE, e.g. optimiser.lambda_rate=0.05")
+        overrides[key.strip()] = yaml.safe_load(raw)
+    return overrides
+
+
+class ProgressCallback(Callback):
+    """A rich progress bar over all batches of the trial, with the last epoch's accuracies."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[status]}"), transient=False)
+        self.task = None
+
+    def on_train_start(self, config: Any, start_epoch: int, batches_per_epoch: int) -> None:
+        self.progress.start()
+        total = config.epochs * batches_per_epoch
+        self.task = self.progress.add_task(f"{config.phase} {config.binary_optimiser}", total=total,
+                                           completed=start_epoch * batches_per_epoch, status="")
+
+    def on_batch_end(self, epoch: int, batch: int, batches_per_epoch: int) -> None:
+        self.progress.advance(self.task)
+
+    def on_epoch_end(self, epoch: int, metrics: Metrics, checkpoint: Path | None) -> None:
+        self.progress.update(self.task, status=(
+            f"epoch {epoch + 1} loss {metrics['loss']:.3f} float {metrics['test_acc_float']:.1f}% "
+            f"binary {metrics['test_acc_binary']:.1f}% {metrics['images_per_second']:.0f} img/s"))
+
+    def on_train_end(self, result: Any) -> None:
+        self.progress.stop()
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="Trial config YAML (fields of TrialConfig). Omit for the digits demo."),
+    phase: Optional[str] = typer.Option(None, help="teacher | pretrain | quantise | real"),
+    optimiser: Optional[str] = typer.Option(None, help="ste | bmd | bop | bnew (quantise phase)"),
+    dataset: Optional[str] = typer.Option(None, help="digits | synthetic | cifar10 | cifar100 | imagefolder"),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset directory (data.root)."),
+    download: Optional[bool] = typer.Option(None, "--download/--no-download", help="Let torchvision download CIFAR."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs of this phase."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
+    lr: Optional[float] = typer.Option(None, help="Initial learning rate."),
+    seed: Optional[int] = typer.Option(None, help="Seed of initialisation, shuffling and augmentation."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    output_dir: Optional[Path] = typer.Option(None, help="Where checkpoints, metrics and the final model go."),
+    teacher: Optional[Path] = typer.Option(None, help="Teacher checkpoint; turns distillation on."),
+    init: Optional[Path] = typer.Option(None, help="Checkpoint to start from (the pretrained model)."),
+    max_batches: Optional[int] = typer.Option(None, help="Debug cap on batches per epoch."),
+    resume: Optional[Path] = typer.Option(None, help="Resume from this checkpoint.pt."),
+    set_: list[str] = typer.Option([], "--set", help="Any field as dotted KEY=VALUE, e.g. model.scale=false."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Run one trial and print the final binary test accuracy.
+
+    Every TrialConfig field can be given in CONFIG.yaml, by a flag for the common ones, or
+    with --set KEY=VALUE; flags override the file. Without CONFIG, the defaults train on
+    scikit-learn's digits (no download).
+    """
+    from bnew_core.train import train as run_trial
+
+    flags = {
+        "phase": phase,
+        "optimiser.name": optimiser,
+        "data.name": dataset,
+        "data.root": str(data_root) if data_root else None,
+        "data.download": download,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "device": device,
+        "output_dir": str(output_dir) if output_dir else None,
+        "teacher_checkpoint": str(teacher) if teacher else None,
+        "distillation": True if teacher else None,
+        "init_checkpoint": str(init) if init else None,
+        "max_batches": max_batches,
+    }
+    overrides = {key: value for key, value in flags.items() if value is not None}
+    overrides.update(parse_set_option(set_))
+    try:
+        trial_config = load_trial_config(config, overrides)
+        callbacks = [] if quiet else [ProgressCallback()]
+        result = run_trial(trial_config, callbacks=callbacks, resume_from=resume)
+    except BnewError as exc:
+        fail(str(exc))
+    final = result.final_metrics
+    typer.echo(
+        f"final binary test accuracy: {final['test_acc_binary']:.2f}% "
+        f"({trial_config.phase}, {trial_config.binary_optimiser}, {int(final['epoch']) + 1} epochs) "
+        f"-> {result.model_path}"
+    )
+
+
+
+sweep_app = typer.Typer(
+    help="Plan, run and follow sweeps: a YAML spec (or a preset) crossed into trials on Ray Tune, recorded in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(sweep_app, name="sweep")
+sweep_app.command("report")(report_command)
+
+SPEC_HELP = "Sweep spec YAML, or a preset name (see `bnew sweep list`)."
+MAX_EPOCHS_HELP = "Cap every stage's epochs (a dry run: capped stages get their own keys)."
+MAX_BATCHES_HELP = "Cap batches per epoch (a dry run, like --max-epochs)."
+ADDRESS_HELP = "Ray cluster to run on (ray://HOST:10001 or HOST:6379). Default: RAY_ADDRESS, a running local Ray, or a new one."
+
+
+def load_sweep_plan(spec_arg: str, max_epochs: Optional[int], max_batches: Optional[int]):
+    """Spec and plan, or exit 2 naming the bad key (before Ray or MLflow start)."""
+    from sweeps.plan import build_plan
+    from sweeps.spec import load_spec
+
+    for option, value in (("--max-epochs", max_epochs), ("--max-batches", max_batches)):
+        if value is not None and value <= 0:
+            fail(f"{option}: must be positive, got {value}")
+    try:
+        spec = load_spec(spec_arg)
+        return spec, build_plan(spec, spec_arg, max_epochs, max_batches)
+    except BnewError as exc:
+        fail(str(exc))
+
+
+def print_plan(plan, reused: set[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sweep {plan.spec.name} (grid {plan.spec.grid_label})")
+    for column in ("stage", "runs", "reused", "to train", "epochs to train"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for phase in ("teacher", "pretrain", "quantise", "real"):
+        stages = plan.of_phase(phase)
+        if stages:
+            todo = {stage.key for stage in stages} - reused
+            table.add_row(phase, str(len(stages)), str(len(stages) - len(todo)), str(len(todo)), str(plan.epochs(todo)))
+    todo = set(plan.stages) - reused
+    table.add_row("all", str(len(plan.stages)), str(len(plan.stages) - len(todo)), str(len(todo)), str(plan.epochs(todo)), style="bold")
+    console = Console()
+    console.print(table)
+    console.print(f"{len(plan.trial_roles())} trials, {len(plan.stages) - len(plan.trial_roles())} prerequisites; "
+                  f"{plan.epochs()} trial-epochs in all, {plan.epochs(todo)} still to train")
+
+
+@sweep_app.command("list")
+def list_presets() -> None:
+    """Show the presets shipped with the package (run them by name)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from sweeps.plan import build_plan
+    from sweeps.spec import load_spec, preset_names
+
+    table = Table(title="sweep presets")
+    for column in ("name", "grid", "trials", "stages", "trial-epochs", "description"):
+        table.add_column(column)
+    for name in preset_names():
+        spec = load_spec(name)
+        plan = build_plan(spec, name)
+        table.add_row(name, spec.grid_label, str(len(plan.trial_roles())), str(len(plan.stages)), str(plan.epochs()), spec.description)
+    Console().print(table)
+
+
+@sweep_app.command()
+def plan(
+    spec: str = typer.Argument(..., help=SPEC_HELP),
+    max_epochs: Optional[int] = typer.Option(None, help=MAX_EPOCHS_HELP),
+    max_batches: Optional[int] = typer.Option(None, help=MAX_BATCHES_HELP),
+    lookup: bool = typer.Option(True, "--lookup/--no-lookup", help="Look up finished stages in MLflow."),
+) -> None:
+    """Expand SPEC into stages (teachers, pretrained models, quantise and real runs); count what MLflow has."""
+    sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches)
+    reused: set[str] = set()
+    from sweeps.tracking import Tracker, store_exists
+
+    if lookup and store_exists(sweep_spec.resolved_tracking_uri()):
+        reused = set(Tracker(sweep_spec.resolved_tracking_uri()).finished_stages(list(sweep_plan.stages)))
+    print_plan(sweep_plan, reused)
+
+
+def report_outcome(outcome, plan, spec_arg: str) -> None:
+    typer.echo(
+        f"sweep {plan.spec.name}: {len(outcome.trained)} stages trained, {len(outcome.reused)} reused, "
+        f"{len(outcome.failed)} failed or interrupted, {len(outcome.not_run)} not run"
+    )
+    for key in sorted(outcome.failed, key=lambda key: plan.stages[key].name):
+        typer.echo(f"failed: {plan.stages[key].name} (stage {key})", err=True)
+    if outcome.failed or outcome.not_run:
+        typer.echo(f"`bnew sweep resume {spec_arg}` (same options) continues from the checkpoints", err=True)
+        raise typer.Exit(code=1)
+
+
+def shutdown_ray() -> None:
+    """Disconnect from (or stop the local) Ray, if this command used it."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+
+
+@sweep_app.command()
+def run(
+    spec: str = typer.Argument(..., help=SPEC_HELP),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+    local: bool = typer.Option(False, "--local", help="Start a Ray instance on this machine."),
+    debug: bool = typer.Option(False, "--debug", help="No Ray: stages one by one in this process (breakpoints work)."),
+    max_epochs: Optional[int] = typer.Option(None, help=MAX_EPOCHS_HELP),
+    max_batches: Optional[int] = typer.Option(None, help=MAX_BATCHES_HELP),
+) -> None:
+    """Train every stage of SPEC that MLflow has not finished yet, on Ray Tune, and record it."""
+    if sum((address is not None, local, debug)) > 1:
+        fail("--address, --local and --debug exclude each other")
+    sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches)
+    from sweeps.execute import run_sweep
+
+    try:
+        outcome = run_sweep(sweep_spec, sweep_plan, typer.echo, address=address, local=local, debug=debug)
+    except BnewError as exc:
+        fail(str(exc))
+    finally:
+        shutdown_ray()
+    report_outcome(outcome, sweep_plan, spec)
+
+
+@sweep_app.command()
+def resume(
+    spec: str = typer.Argument(..., help=SPEC_HELP),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+    local: bool = typer.Option(False, "--local", help="Start a Ray instance on this machine."),
+    max_epochs: Optional[int] = typer.Option(None, help="The --max-epochs the interrupted run used."),
+    max_batches: Optional[int] = typer.Option(None, help="The --max-batches the interrupted run used."),
+) -> None:
+    """Continue an interrupted sweep: unfinished and failed trials resume from their checkpoints.
+
+    Finished trials are not run again; stages that never started are trained."""
+    if address is not None and local:
+        fail("--address and --local exclude each other")
+    sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches)
+    from sweeps.execute import resume_sweep
+
+    try:
+        outcome = resume_sweep(sweep_spec, sweep_plan, typer.echo, address=address, local=local)
+    except BnewError as exc:
+        fail(str(exc))
+    finally:
+        shutdown_ray()
+    report_outcome(outcome, sweep_plan, spec)
+
+
+@sweep_app.command()
+def status(
+    name: str = typer.Argument(..., help="Sweep name (the MLflow experiment), or a spec/preset to take the name and store from."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store. Default: the spec's, or the local store."),
+    top: int = typer.Option(10, help="How many of the best trials to show."),
+) -> None:
+    """Per-stage counts (pending, running, done, failed) and the best results so far, from MLflow."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from sweeps.spec import SweepSpec, load_spec, preset_names
+    from sweeps.status import STATES, sweep_status
+
+    try:
+        spec = load_spec(name) if Path(name).is_file() or name in preset_names() else SweepSpec(name=name)
+        result = sweep_status(spec.name, tracking_uri or spec.resolved_tracking_uri(), top)
+    except BnewError as exc:
+        fail(str(exc))
+    console = Console()
+    counts = Table(title=f"sweep {spec.name}")
+    counts.add_column("stage")
+    for state in STATES:
+        counts.add_column(state, justify="right")
+    for phase, by_state in result.counts.items():
+        counts.add_row(phase, *(str(by_state[state]) for state in STATES))
+    console.print(counts)
+    best = Table(title="best trials so far (binary test accuracy %)")
+    for column in ("trial", "status", "epoch", "test_acc_binary"):
+        best.add_column(column)
+    for score in result.best:
+        best.add_row(score.name, score.status, str(score.epoch), f"{score.test_acc_binary:.2f}")
+    console.print(best)
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m sweeps.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,354 @@
+"""Run a sweep's stages: on Ray Tune (a local Ray or a cluster), or one by one in this process.
+
+One Tuner runs the whole sweep. Its search algorithm, `StageScheduler`, suggests a stage as a
+Tune trial as soon as the stages it takes models from are done, so there is no barrier between
+levels and Tune's own concurrency limits, resources and `FailureConfig` retries apply. Each
+trial reports every epoch to Tune with the trainer's checkpoint, so a retry (or `bnew sweep
+resume`, through `Tuner.restore`) continues from the last epoch, and records itself in MLflow.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import pickle
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+from urllib.parse import urlparse
+
+from ray.tune.search import Searcher
+
+from bnew_core.callbacks import Callback, Metrics
+from bnew_core.config import BnewError
+from sweeps.plan import Plan, Stage
+from sweeps.spec import SweepSpec, dump_spec
+from sweeps.tracking import Tracker, is_local_uri
+
+FAULT_ENV = "BNEW_SWEEP_FAULT"
+"""Test hook: `PATTERN@EPOCH[:exit]` makes the first attempt of every trial whose run name
+matches the glob PATTERN raise (or, with `:exit`, kill its process) after reporting EPOCH."""
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What a trial needs to record itself (JSON-able: it travels in the Tune trial config)."""
+
+    sweep: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+@dataclass
+class SweepOutcome:
+    """Stage keys by how the sweep left them."""
+
+    reused: set[str] = field(default_factory=set)
+    trained: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    """Started but not finished: failed, or interrupted."""
+    not_run: set[str] = field(default_factory=set)
+    """Never started: an input failed, or the sweep was interrupted first."""
+
+
+# --- one stage, in whatever process runs it ---------------------------------------------------
+class MlflowEpochLogger(Callback):
+    """Per-epoch metrics to the trial's MLflow run (step = epoch)."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker, self.run_id = tracker, run_id
+
+    def on_train_start(self, config: Any, start_epoch: int, batches_per_epoch: int) -> None:
+        if start_epoch > 0:
+            self.tracker.client.set_tag(self.run_id, "bnew.resumed_from_epoch", str(start_epoch))
+
+    def on_epoch_end(self, epoch: int, metrics: Metrics, checkpoint: Path | None) -> None:
+        self.tracker.log_epoch(self.run_id, metrics)
+
+
+class TuneReporter(Callback):
+    """Per-epoch metrics and the resumable checkpoint to Tune (and the fault-injection hook)."""
+
+    def __init__(self, run_name: str, first_attempt: bool):
+        self.fault_epoch, self.fault_exit = parse_fault(run_name) if first_attempt else (None, False)
+
+    def on_epoch_end(self, epoch: int, metrics: Metrics, checkpoint: Path | None) -> None:
+        from ray import tune
+
+        if checkpoint is None:
+            tune.report(dict(metrics))
+        else:
+            # Tune persists the directory's contents during report; the copy can go afterwards.
+            with tempfile.TemporaryDirectory(dir=checkpoint.parent) as directory:
+                shutil.copy2(checkpoint, Path(directory) / "checkpoint.pt")
+                tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(directory))
+        if epoch == self.fault_epoch:
+            if self.fault_exit:
+                os._exit(1)
+            raise RuntimeError(f"{FAULT_ENV}: injected failure after epoch {epoch}")
+
+
+def parse_fault(run_name: str) -> tuple[int | None, bool]:
+    """The epoch after which this trial should fail, from `BNEW_SWEEP_FAULT`, and whether to exit."""
+    setting = os.environ.get(FAULT_ENV, "")
+    pattern, _, when = setting.rpartition("@")
+    if not setting or not fnmatch.fnmatch(run_name, pattern):
+        return None, False
+    epoch, _, how = when.partition(":")
+    return int(epoch), how == "exit"
+
+
+def execute_stage(
+    stage: Stage,
+    context: SweepContext,
+    work_dir: Path,
+    resume_from: Path | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> None:
+    """Train one stage and record it: fetch input models from MLflow, train, log the run."""
+    from bnew_core.train import train
+
+    tracker = Tracker(context.tracking_uri)
+    role = stage.roles[0]
+    run_id = tracker.open_trial_run(context.experiment_id, context.parent_run_id, context.sweep, stage, role)
+    try:
+        input_paths = {
+            field_name: tracker.download_model(key, work_dir / "inputs" / field_name)
+            for field_name, key in stage.inputs.items()
+        }
+        config = stage.trial_config(work_dir / "output", input_paths)
+        result = train(config, [MlflowEpochLogger(tracker, run_id), *callbacks], resume_from=resume_from)
+        tracker.finish_trial(run_id, result.output_dir, result.final_metrics)
+    except BaseException as exc:
+        tracker.fail_trial(run_id, f"{type(exc).__name__}: {exc}")
+        raise
+    if len(stage.roles) > 1:
+        tracker.link_missing_roles(context.experiment_id, context.parent_run_id, context.sweep, stage)
+
+
+def tune_trial(config: dict[str, Any]) -> None:
+    """The Tune function trainable: one stage, resumed from Tune's checkpoint on a retry."""
+    from ray import tune
+
+    stage, context = Stage.from_dict(config["stage"]), SweepContext(**config["sweep"])
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    resume_from = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        resume_from = Path(checkpoint.to_directory(str(trial_dir / "restored"))) / "checkpoint.pt"
+    reporter = TuneReporter(stage.name, first_attempt=checkpoint is None)
+    execute_stage(stage, context, trial_dir, resume_from, [reporter])
+
+
+# --- the search algorithm that releases stages as their inputs finish ---------------------------
+class StageScheduler(Searcher):
+    """Suggests each stage once, as soon as all its input stages are done; deepest stages first,
+    so whole chains finish early. Finishes when nothing is running and nothing can start."""
+
+    def __init__(self, stages: list[Stage], done: set[str], context: SweepContext):
+        super().__init__()
+        self.stages = {stage.key: stage.to_dict() for stage in stages}
+        self.order = [stage.key for stage in sorted(stages, key=lambda s: -s.depth)]
+        self.context = asdict(context)
+        self.done, self.failed = set(done), set()
+        self.trial_stage: dict[str, str] = {}
+        """Tune trial id -> stage key."""
+
+    def ready(self) -> list[str]:
+        submitted = set(self.trial_stage.values())
+        return [
+            key for key in self.order
+            if key not in submitted and all(i in self.done for i in self.stages[key]["inputs"].values())
+        ]
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        ready = self.ready()
+        if ready:
+            self.trial_stage[trial_id] = ready[0]
+            return {"stage": self.stages[ready[0]], "sweep": self.context}
+        running = set(self.trial_stage.values()) - self.done - self.failed
+        return None if running else self.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        key = self.trial_stage[trial_id]
+        if error:
+            self.failed.add(key)
+        else:
+            self.done.add(key)
+            self.failed.discard(key)  # an errored trial resumed by `bnew sweep resume`
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(self.__dict__, file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as file:
+            self.__dict__.update(pickle.load(file))
+
+
+def trial_name(trial: Any) -> str:
+    return trial.config["stage"]["roles"][0]["name"]
+
+
+def trial_dirname(trial: Any) -> str:
+    return f"{trial_name(trial).replace('/', '_')}_{trial.trial_id}"
+
+
+# --- the driver ---------------------------------------------------------------------------------
+def check_cluster_settings(spec: SweepSpec, address: str | None, log: Log) -> None:
+    """Workers on other machines must log through an MLflow server, not a path of theirs, and
+    share the Tune storage for checkpoints."""
+    if address is None:
+        return
+    host = urlparse(address if "://" in address else f"ray://{address}").hostname
+    if host in ("127.0.0.1", "localhost"):
+        return
+    tracking_uri = spec.resolved_tracking_uri()
+    if is_local_uri(tracking_uri):
+        raise BnewError(
+            f"tracking_uri: {tracking_uri} is a local store, but trials on cluster {address} run on other "
+            "machines; set tracking_uri to an MLflow server (http://HOST:5000, `mlflow server --serve-artifacts`)"
+        )
+    if "://" not in spec.resolved_storage_path():
+        log(f"note: storage_path {spec.resolved_storage_path()} must be a file system every node shares (or s3://...)")
+
+
+def start_ray(address: str | None, local: bool, log: Log) -> None:
+    """Connect to (or with `local`, start) Ray once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Checkpoints are kept two per trial, so Tune snapshots often; that is expected here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if local:
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    else:
+        ray.init(address=address, logging_level="WARNING")  # None: RAY_ADDRESS, a running cluster, or a new one
+    log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+
+
+def trainable(spec: SweepSpec) -> Any:
+    from ray import tune
+
+    return tune.with_resources(tune_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def run_on_tune(spec: SweepSpec, stages: list[Stage], done: set[str], context: SweepContext) -> None:
+    """Run `stages` in one Tuner (a new Tune experiment under the sweep's storage folder)."""
+    from ray import tune
+
+    scheduler = StageScheduler(stages, done, context)
+    tuner = tune.Tuner(
+        trainable(spec),
+        tune_config=tune.TuneConfig(
+            search_alg=scheduler,
+            num_samples=len(stages),
+            max_concurrent_trials=spec.max_concurrent,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune_run_config(spec, time.strftime("%Y%m%d-%H%M%S")),
+    )
+    tuner.fit()  # failures are read back from MLflow by `finish`
+
+
+def tune_storage(spec: SweepSpec) -> str:
+    """One folder per sweep; each `bnew sweep run` adds a Tune experiment inside it."""
+    return f"{spec.resolved_storage_path().rstrip('/')}/{spec.name}"
+
+
+def tune_run_config(spec: SweepSpec, name: str) -> Any:
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=tune_storage(spec),
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        verbose=1,
+    )
+
+
+def run_in_process(stages: list[Stage], context: SweepContext, work_root: Path, log: Log) -> None:
+    """`--debug`: every stage in this process, in plan order (inputs first), no Ray."""
+    for index, stage in enumerate(stages, 1):
+        log(f"[{index}/{len(stages)}] {stage.name} ({stage.phase}, {stage.epochs} epochs)")
+        work_dir = work_root / stage.name.replace("/", "_")
+        shutil.rmtree(work_dir, ignore_errors=True)  # a debug run starts each stage afresh
+        execute_stage(stage, context, work_dir)
+
+
+def open_sweep(spec: SweepSpec, plan: Plan, log: Log) -> tuple[Tracker, SweepContext, SweepOutcome]:
+    """Experiment, parent run, and which stages MLflow already has (their roles linked here)."""
+    tracker = Tracker(spec.resolved_tracking_uri())
+    experiment_id = tracker.experiment_id(spec.name)
+    parent_run_id = tracker.open_sweep_run(experiment_id, spec.name, dump_spec(spec))
+    for tag, value in plan.caps_tags().items():
+        tracker.client.set_tag(parent_run_id, tag, value)
+    context = SweepContext(spec.name, tracker.uri, experiment_id, parent_run_id)
+    runs_by_key = tracker.stage_runs(list(plan.stages))
+    finished = tracker.finished_stages(list(plan.stages), runs_by_key)
+    for key in finished:
+        tracker.link_missing_roles(experiment_id, parent_run_id, spec.name, plan.stages[key], runs_by_key[key])
+    outcome = SweepOutcome(reused=set(finished))
+    log(f"MLflow: experiment {spec.name!r} at {tracker.uri}, parent run {parent_run_id}")
+    return tracker, context, outcome
+
+
+def run_sweep(
+    spec: SweepSpec,
+    plan: Plan,
+    log: Log,
+    address: str | None = None,
+    local: bool = False,
+    debug: bool = False,
+) -> SweepOutcome:
+    """Train every stage of `plan` that MLflow does not have finished yet."""
+    if not debug:
+        check_cluster_settings(spec, address, log)
+    tracker, context, outcome = open_sweep(spec, plan, log)
+    pending = [stage for key, stage in plan.stages.items() if key not in outcome.reused]
+    log(f"{len(outcome.reused)} stages reused, {len(pending)} to train ({plan.epochs({s.key for s in pending})} epochs)")
+    try:
+        if pending and debug:
+            run_in_process(pending, context, Path(tune_storage(spec)) / "debug", log)
+        elif pending:
+            start_ray(address, local, log)
+            run_on_tune(spec, pending, outcome.reused, context)
+    finally:
+        finish(tracker, context, plan, outcome, pending)
+    return outcome
+
+
+def finish(tracker: Tracker, context: SweepContext, plan: Plan, outcome: SweepOutcome, pending: list[Stage]) -> None:
+    """Sort the pending stages by what MLflow now says and close the parent run."""
+    runs_by_key = tracker.stage_runs([stage.key for stage in pending])
+    outcome.trained = set(tracker.finished_stages(list(runs_by_key), runs_by_key))
+    outcome.failed = {key for key, runs in runs_by_key.items() if runs and key not in outcome.trained}
+    outcome.not_run = {key for key, runs in runs_by_key.items() if not runs}
+    tracker.finish_sweep_run(context.parent_run_id, len(outcome.failed) + len(outcome.not_run))
+
+
+def resume_sweep(spec: SweepSpec, plan: Plan, log: Log, address: str | None = None, local: bool = False) -> SweepOutcome:
+    """Continue the latest Tune experiment of the sweep (unfinished and errored trials resume from
+    their checkpoints), then run whatever stages are still missing."""
+    from ray import tune
+
+    check_cluster_settings(spec, address, log)
+    storage = Path(tune_storage(spec))  # local or shared file system (URIs are not listed here)
+    experiments = sorted(path for path in storage.glob("*") if path.name != "debug")
+    restorable = [path for path in experiments if tune.Tuner.can_restore(str(path))]
+    if restorable:
+        log(f"resuming Tune experiment {restorable[-1]}")
+        start_ray(address, local, log)
+        tune.Tuner.restore(str(restorable[-1]), trainable(spec), resume_errored=True).fit()
+    else:
+        log(f"no Tune experiment of {spec.name!r} under {storage} to restore; running the missing stages")
+    return run_sweep(spec, plan, log, address=address, local=local)

@@ -1,0 +1,358 @@
+"""The sweep spec: one YAML file (or a shipped preset) that says which trials to cross and
+where to run and record them. Validation names the offending key, before anything runs."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from bnew_core.config import (
+    BmdConfig,
+    BnewConfig,
+    BnewError,
+    BopConfig,
+    DataConfig,
+    DatasetName,
+    ModelConfig,
+    SteConfig,
+    StrictModel,
+    TrialConfig,
+    format_validation_error,
+    load_yaml,
+)
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+Method = Literal["ste", "bmd", "bop", "bnew", "real"]
+"""A weight-binarisation optimiser, or `real` for the real-valued network (no quantise phase)."""
+
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "no_learnable_bias": {"model": {"learnable_bias": False}},
+    "no_prelu": {"model": {"activation": "relu"}},
+    "no_scale": {"model": {"scale": False}},
+    "no_distillation": {"distillation": False},
+    "classic_ste": {"model": {"estimator": "ste"}},
+    "binary_first_last": {"model": {"binary_first_last": True}},
+    "binary_bottlenecks": {"model": {"binary_bottleneck": True}},
+    "no_pretrain": {},  # the planner drops the pretrain stage
+    "regulariser_l1": {"optimiser": {"regulariser": "l1"}},
+    "regulariser_l2": {"optimiser": {"regulariser": "l2"}},
+    "no_scale_classic_ste": {"model": {"scale": False, "estimator": "ste"}},
+}
+"""Table 2 rows (keys exactly as in tables.json) and the TrialConfig changes each makes."""
+BNEW_ONLY_ABLATIONS = {"regulariser_l1", "regulariser_l2"}
+Ablation = Literal[tuple(ABLATIONS)]  # type: ignore[valid-type]
+
+FIXED_AXES = ("dataset", "optimiser", "ablation", "seed", "budget", "distillation")
+"""Axes with their own field; `params` crosses any other trainer field."""
+AXIS_OWNED_FIELDS = {
+    "phase": "the planner", "data.name": "axes.dataset", "optimiser.name": "axes.optimiser",
+    "seed": "axes.seed", "epochs": "axes.budget (quantise) or phases.<phase>.epochs",
+    "distillation": "axes.distillation", "teacher_checkpoint": "the planner",
+    "init_checkpoint": "the planner", "output_dir": "the sweep runner",
+}
+"""TrialConfig fields a sweep sets itself: giving them in base/phases/params is an error."""
+OPTIMISER_MODELS = {"ste": SteConfig, "bmd": BmdConfig, "bop": BopConfig, "bnew": BnewConfig}
+SECTION_MODELS: dict[str, type[BaseModel]] = {"data": DataConfig, "model": ModelConfig}
+
+
+def optimiser_field_owners(field: str) -> list[str]:
+    """Names of the optimisers whose config has `field`."""
+    return [name for name, model in OPTIMISER_MODELS.items() if field in model.model_fields and field != "name"]
+
+
+def check_trial_keys(mapping: dict[str, Any], where: str, nested: bool = True, allow: tuple[str, ...] = ()) -> None:
+    """Reject keys that are no TrialConfig field (or that the sweep sets itself), naming them.
+
+    `nested` mappings look like TrialConfig YAML (`model: {scale: false}`); otherwise keys are
+    dotted (`model.scale`)."""
+    flat = flatten(mapping) if nested else mapping
+    for dotted in flat:
+        section, _, leaf = dotted.partition(".")
+        if dotted in AXIS_OWNED_FIELDS and dotted not in allow:
+            raise ValueError(f"{where}.{dotted}: set by {AXIS_OWNED_FIELDS[dotted]}, not here")
+        if section not in TrialConfig.model_fields:
+            raise ValueError(f"{where}.{section}: not a trainer setting (see bnew_core/config.py)")
+        if section == "optimiser" and nested:
+            raise ValueError(f"{where}.{dotted}: optimiser settings go under optimisers.<name>")
+        if section == "optimiser":
+            known = bool(leaf) and bool(optimiser_field_owners(leaf))
+        elif section in SECTION_MODELS and leaf:
+            known = leaf in SECTION_MODELS[section].model_fields
+        else:
+            known = not leaf
+        if not known:
+            raise ValueError(f"{where}.{dotted}: not a trainer setting (see bnew_core/config.py)")
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{'model': {'scale': False}}` -> `{'model.scale': False}` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+class SearchSpace(StrictModel):
+    """A Tune search space for a hyperparameter axis, sampled `samples` times at plan time
+    (seeded, so a plan and its stage keys are reproducible). Exactly one distribution."""
+
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    """Integers in [low, high)."""
+    choice: list[Any] | None = Field(None, min_length=1)
+    samples: int = Field(gt=0)
+    """How many values to draw."""
+    seed: int = 0
+    """Seed of the draw."""
+
+    @model_validator(mode="after")
+    def _one_distribution(self) -> "SearchSpace":
+        given = [name for name in ("uniform", "loguniform", "randint", "choice") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of uniform, loguniform, randint, choice (got {given or 'none'})")
+        return self
+
+    def values(self) -> list[Any]:
+        """The drawn values, via Ray Tune's own samplers."""
+        import numpy as np
+        from ray import tune
+
+        if self.uniform is not None:
+            domain = tune.uniform(*self.uniform)
+        elif self.loguniform is not None:
+            domain = tune.loguniform(*self.loguniform)
+        elif self.randint is not None:
+            domain = tune.randint(*self.randint)
+        else:
+            domain = tune.choice(self.choice)
+        drawn = domain.sample(size=self.samples, random_state=np.random.RandomState(self.seed))
+        return [value.item() if hasattr(value, "item") else value for value in drawn]
+
+
+class Axes(StrictModel):
+    """The values to cross. Every list must be non-empty."""
+
+    dataset: list[DatasetName] = Field(["digits"], min_length=1)
+    optimiser: list[Method] = Field(["ste", "bmd", "bop", "bnew"], min_length=1)
+    ablation: list[Ablation] = Field(["baseline"], min_length=1)  # type: ignore[valid-type]
+    """Table 2 rows; `baseline` is the unablated network."""
+    seed: list[int] = Field([0], min_length=1)
+    budget: list[int] = Field([200], min_length=1)
+    """Epochs of the final stage (quantise, or the real-valued run)."""
+    distillation: list[bool] = Field([False], min_length=1)
+    params: dict[str, list[Any] | SearchSpace] = {}
+    """Any other trainer field of the final stage by dotted key (`lr`, `optimiser.lambda_rate`):
+    a list of values or a search space. An `optimiser.*` key only crosses optimisers that have it."""
+
+    @field_validator("budget")
+    @classmethod
+    def _positive_budgets(cls, budgets: list[int]) -> list[int]:
+        if any(budget <= 0 for budget in budgets):
+            raise ValueError("budgets are epochs and must be positive")
+        return budgets
+
+    @field_validator("params")
+    @classmethod
+    def _known_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        check_trial_keys(params, "params", nested=False)
+        for key, values in params.items():
+            if isinstance(values, list) and not values:
+                raise ValueError(f"params.{key}: empty axis")
+        return params
+
+    def param_values(self) -> dict[str, list[Any]]:
+        """Every params axis as a list of concrete values."""
+        return {key: list(v) if isinstance(v, list) else v.values() for key, v in self.params.items()}
+
+
+class Selector(StrictModel):
+    """A partial grid point for `exclude`/`include`: each given axis is a value or a list of values."""
+
+    dataset: DatasetName | list[DatasetName] | None = None
+    optimiser: Method | list[Method] | None = None
+    ablation: Ablation | list[Ablation] | None = None  # type: ignore[valid-type]
+    seed: int | list[int] | None = None
+    budget: int | list[int] | None = None
+    distillation: bool | list[bool] | None = None
+    params: dict[str, Any] = {}
+
+    @field_validator("params")
+    @classmethod
+    def _known_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        check_trial_keys(params, "params", nested=False)
+        return params
+
+    def choices(self) -> dict[str, list[Any]]:
+        """Given axes (params by their dotted key) as lists of allowed values."""
+        given = {axis: getattr(self, axis) for axis in FIXED_AXES if getattr(self, axis) is not None}
+        given.update(self.params)
+        return {axis: value if isinstance(value, list) else [value] for axis, value in given.items()}
+
+    def matches(self, point: dict[str, Any]) -> bool:
+        return all(point.get(axis) in allowed for axis, allowed in self.choices().items())
+
+
+class PhaseSettings(StrictModel):
+    """Trainer settings per phase, over `base` (TrialConfig YAML, e.g. `{epochs: 200, lr: 0.1}`)."""
+
+    teacher: dict[str, Any] = {}
+    pretrain: dict[str, Any] = {}
+    quantise: dict[str, Any] = {}
+    real: dict[str, Any] = {}
+
+
+class Resources(StrictModel):
+    """What one trial reserves on the Ray cluster."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+    """Fractions share a GPU between trials (e.g. 0.25: four trials per GPU)."""
+
+
+class ReportSpec(StrictModel):
+    """How `bnew sweep report` lays the results out."""
+
+    rows: list[str] = Field(["optimiser"], min_length=1)
+    """Axis names for the table rows (e.g. [optimiser] or [ablation])."""
+    columns: list[str] = []
+    """Axis names for the columns (e.g. [budget, distillation] or [optimiser])."""
+    paper_table: str | None = None
+    """Key in tables.json to compare with (table1_cifar100_budget, table2_ablation)."""
+    baseline: str | None = None
+    """Row value to t-test the others against (e.g. baseline)."""
+    metric: str = "test_acc_binary"
+
+
+class SweepSpec(StrictModel):
+    """A whole sweep: the grid, the trainer settings, and where it runs and is recorded."""
+
+    name: str
+    """MLflow experiment and Tune experiment name: letters, digits, `.`, `_`, `-`."""
+    grid: str | None = None
+    """Label of the grid in run names and the `bnew.grid` tag (table1, table2, main). Default: name."""
+    description: str = ""
+    axes: Axes = Axes()
+    exclude: list[Selector] = []
+    """Grid points to drop, e.g. `{optimiser: ste, ablation: [regulariser_l1, regulariser_l2]}`."""
+    include: list[Selector] = []
+    """Extra points; axes a selector leaves out take every value of `axes` (e.g. the real row)."""
+    base: dict[str, Any] = {}
+    """Trainer settings (TrialConfig YAML) shared by every stage."""
+    phases: PhaseSettings = PhaseSettings()
+    datasets: dict[DatasetName, dict[str, Any]] = {}
+    """DataConfig settings per dataset (root, val_size, ...)."""
+    optimisers: dict[Literal["ste", "bmd", "bop", "bnew"], dict[str, Any]] = {}
+    """Optimiser settings per optimiser (e.g. `bnew: {lambda_rate: 0.01}`)."""
+    resources: Resources = Resources()
+    max_concurrent: int | None = Field(None, gt=0)
+    """Most trials at once; default as many as the resources fit."""
+    max_failures: int = Field(2, ge=0)
+    """Retries of a failed trial, each from its last checkpoint."""
+    storage_path: str | None = None
+    """Tune storage (checkpoints, experiment state): a shared path or URI (s3://...) on a cluster.
+    Default `.bnew/ray_results` in the project directory."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI. Default `sqlite:///<project>/.bnew/mlflow.db`; on a cluster an
+    `http(s)://` server (`mlflow server --serve-artifacts`), so workers never log to local paths."""
+    report: ReportSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError(f"{name!r}: use letters, digits, '.', '_' and '-' only")
+        return name
+
+    @model_validator(mode="after")
+    def _check_settings(self) -> "SweepSpec":
+        # Prerequisite phases take their epochs from the settings; final stages from axes.budget.
+        check_trial_keys(self.base, "base", allow=("epochs",))
+        for phase in PhaseSettings.model_fields:
+            allow = ("epochs",) if phase in ("teacher", "pretrain") else ()
+            check_trial_keys(getattr(self.phases, phase), f"phases.{phase}", allow=allow)
+        for dataset, settings in self.datasets.items():
+            check_trial_keys({"data": settings}, f"datasets.{dataset}")
+        for optimiser, settings in self.optimisers.items():
+            for key in settings:
+                if OPTIMISER_MODELS[optimiser].model_fields.get(key) is None or key == "name":
+                    raise ValueError(f"optimisers.{optimiser}.{key}: not a setting of {optimiser}")
+        for index, selector in enumerate(self.exclude + self.include):
+            section = "exclude" if index < len(self.exclude) else "include"
+            position = index if section == "exclude" else index - len(self.exclude)
+            for key in selector.params:
+                if key not in self.axes.params:
+                    raise ValueError(f"{section}.{position}.params.{key}: not an axis (add it to axes.params)")
+        if self.report is not None:
+            axes = {*FIXED_AXES, *self.axes.params}
+            for key in self.report.rows + self.report.columns:
+                if key not in axes:
+                    raise ValueError(f"report: {key!r} is not an axis ({', '.join(sorted(axes))})")
+        return self
+
+    @property
+    def grid_label(self) -> str:
+        return self.grid or self.name
+
+    def resolved_tracking_uri(self) -> str:
+        """The spec's tracking URI, else `MLFLOW_TRACKING_URI` (how a cluster points every node at
+        its server), else a SQLite store under the project directory. Relative SQLite paths are
+        made absolute: Tune trials run in other working directories."""
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///.bnew/mlflow.db"
+        if uri.startswith("sqlite:///"):
+            return f"sqlite:///{project_dir() / uri.removeprefix('sqlite:///')}"
+        return uri
+
+    def resolved_storage_path(self) -> str:
+        """Tune's storage path, absolute (Tune requires it): the spec's, else `BNEW_STORAGE_PATH`
+        (a folder shared by the cluster's nodes), else `.bnew/ray_results` in the project."""
+        storage = self.storage_path or os.environ.get("BNEW_STORAGE_PATH")
+        if storage and "://" in storage:
+            return storage
+        return str((project_dir() / (storage or ".bnew/ray_results")).resolve())
+
+
+def project_dir() -> Path:
+    """Where local stores live: `BNEW_PROJECT_DIR`, else the current directory."""
+    return Path(os.environ.get("BNEW_PROJECT_DIR", ".")).resolve()
+
+
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+
+
+def parse_spec(data: dict[str, Any], source: str) -> SweepSpec:
+    """Validate a spec mapping; errors become one `BnewError` line naming the key."""
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        raise BnewError(format_validation_error(exc, source)) from None
+
+
+def load_spec(name_or_path: str) -> SweepSpec:
+    """A spec from a YAML file, or a shipped preset by name (`demo`, `paper-table2`, ...)."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        if name_or_path not in preset_names():
+            raise BnewError(
+                f"{name_or_path}: no such spec file or preset (presets: {', '.join(preset_names())})"
+            )
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    return parse_spec(load_yaml(path), str(path))
+
+
+def dump_spec(spec: SweepSpec) -> str:
+    """The spec as YAML, as `load_spec` reads it back."""
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+

@@ -1,0 +1,60 @@
+"""Progress of a sweep, read from MLflow only: the spec stored on the parent run is planned
+again and every stage's key looked up (a stage finished by another sweep counts as done)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import yaml
+
+from bnew_core.config import BnewError
+from sweeps.plan import Plan, build_plan
+from sweeps.spec import parse_spec
+from sweeps.tracking import Tracker, stage_state, store_exists
+
+STATES = ("pending", "running", "done", "failed")
+PHASES = ("teacher", "pretrain", "quantise", "real")
+
+
+@dataclass
+class TrialScore:
+    name: str
+    status: str
+    test_acc_binary: float
+    epoch: int
+
+
+@dataclass
+class SweepStatus:
+    plan: Plan
+    counts: dict[str, dict[str, int]]
+    """Phase -> state -> number of stages."""
+    best: list[TrialScore]
+
+
+def sweep_status(name: str, tracking_uri: str, top: int = 10) -> SweepStatus:
+    if not store_exists(tracking_uri):
+        raise BnewError(f"{name}: no MLflow store at {tracking_uri}")
+    tracker = Tracker(tracking_uri)
+    experiment_id = tracker.experiment_id(name, create=False)
+    if experiment_id is None:
+        raise BnewError(f"{name}: no MLflow experiment of that name at {tracking_uri}")
+    parent = tracker.sweep_run(experiment_id)
+    if parent is None:
+        raise BnewError(f"{name}: experiment has no sweep run (bnew.role=sweep)")
+    spec = parse_spec(yaml.safe_load(tracker.sweep_spec_yaml(experiment_id)), f"{name}/spec.yaml")
+    caps = {key: int(parent.data.tags[f"bnew.{key}"]) if parent.data.tags.get(f"bnew.{key}") else None
+            for key in ("max_epochs", "max_batches")}
+    plan = build_plan(spec, f"{name}/spec.yaml", **caps)
+    runs_by_key = tracker.stage_runs(list(plan.stages))
+    counts = {phase: dict.fromkeys(STATES, 0) for phase in PHASES if plan.of_phase(phase)}
+    for key, stage in plan.stages.items():
+        counts[stage.phase][stage_state(runs_by_key[key])] += 1
+    scores = [
+        TrialScore(run.info.run_name, run.info.status, run.data.metrics["test_acc_binary"],
+                   int(run.data.metrics.get("epoch", -1)))
+        for run in tracker.trial_runs(experiment_id)
+        if "test_acc_binary" in run.data.metrics and run.data.tags.get("bnew.stage") in ("quantise", "real")
+    ]
+    best = sorted(scores, key=lambda score: -score.test_acc_binary)[:top]
+    return SweepStatus(plan=plan, counts=counts, best=best)

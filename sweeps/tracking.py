@@ -1,0 +1,242 @@
+"""MLflow records of a sweep: one experiment per sweep, a parent run holding the spec, one
+nested run per trial. A stage's FINISHED run (tag `bnew.stage_key`) in any experiment is what
+makes it reusable; its `model.pt` artifact is the input of the stages after it.
+
+Everything goes through an explicit `MlflowClient` (no global active run), so the driver, Tune
+trials and debug runs in one process never mix up their runs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run
+
+from bnew_core.config import BnewError
+from sweeps.plan import Role, Stage, flatten_config
+
+MLFLOW_PARENT_TAG = "mlflow.parentRunId"
+REUSED_FROM_TAG = "bnew.reused_from"
+"""On a trial run that did not train: the run id of the run that trained its stage."""
+LOCAL_SCHEMES = ("sqlite", "file", "")
+RUN_STATUS_TO_STATE = {"FINISHED": "done", "RUNNING": "running", "SCHEDULED": "running", "FAILED": "failed", "KILLED": "failed"}
+
+
+def is_local_uri(uri: str) -> bool:
+    """True for stores on this machine's disk (which workers on other machines cannot reach)."""
+    return uri.partition(":")[0] in LOCAL_SCHEMES or uri.startswith("/")
+
+
+def store_exists(uri: str) -> bool:
+    """False for a local SQLite store not created yet (reading must not create one)."""
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
+
+
+def quote(value: str) -> str:
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+class Tracker:
+    """The MLflow side of a sweep."""
+
+    def __init__(self, tracking_uri: str):
+        self.uri = tracking_uri
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri)
+
+    # --- experiment and parent run -------------------------------------------------------
+    def experiment_id(self, name: str, create: bool = True) -> str | None:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        if not create:
+            return None
+        # A local store keeps artifacts beside the database; a server decides for itself.
+        location = None
+        if self.uri.startswith("sqlite:///"):
+            location = str(Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name)
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def sweep_run(self, experiment_id: str) -> Run | None:
+        runs = self.client.search_runs(
+            [experiment_id], filter_string="tags.`bnew.role` = 'sweep'", order_by=["attributes.start_time ASC"], max_results=1
+        )
+        return runs[0] if runs else None
+
+    def open_sweep_run(self, experiment_id: str, name: str, spec_yaml: str) -> str:
+        """The sweep's parent run (the same one on every run of the sweep), with the spec attached."""
+        existing = self.sweep_run(experiment_id)
+        if existing is None:
+            run_id = self.client.create_run(
+                experiment_id, run_name=name, tags={"bnew.role": "sweep", "bnew.sweep": name}
+            ).info.run_id
+        else:
+            run_id = existing.info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        self.client.log_text(run_id, spec_yaml, "spec.yaml")
+        return run_id
+
+    def finish_sweep_run(self, run_id: str, failed: int) -> None:
+        self.client.set_tag(run_id, "bnew.failed_trials", str(failed))
+        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+    def sweep_spec_yaml(self, experiment_id: str) -> str:
+        run = self.sweep_run(experiment_id)
+        if run is None:
+            raise BnewError(f"experiment {experiment_id}: no sweep run (bnew.role=sweep) found")
+        path = self.client.download_artifacts(run.info.run_id, "spec.yaml")
+        return Path(path).read_text()
+
+    # --- stage lookup --------------------------------------------------------------------
+    def stage_runs(self, keys: list[str], experiment_ids: list[str] | None = None) -> dict[str, list[Run]]:
+        """Trial runs per stage key (any experiment by default), newest first."""
+        if experiment_ids is None:
+            experiment_ids = [e.experiment_id for e in self.client.search_experiments()]
+        found: dict[str, list[Run]] = {key: [] for key in keys}
+        if not experiment_ids:
+            return found
+        # MLflow filters take no IN for tags: one key by equality, many by scanning trial runs.
+        filter_string = (
+            f"tags.`bnew.stage_key` = {quote(keys[0])}" if len(keys) == 1 else "tags.`bnew.role` = 'trial'"
+        )
+        page_token = None
+        while True:
+            page = self.client.search_runs(
+                experiment_ids, filter_string=filter_string, order_by=["attributes.start_time DESC"],
+                max_results=1000, page_token=page_token,
+            )
+            for run in page:
+                key = run.data.tags.get("bnew.stage_key")
+                if key in found:
+                    found[key].append(run)
+            page_token = page.token
+            if not page_token:
+                break
+        return found
+        for start in range(0, len(keys), 50):  # keep filter strings short
+            chunk = ", ".join(quote(key) for key in keys[start : start + 50])
+            page_token = None
+            while True:
+                page = self.client.search_runs(
+                    experiment_ids,
+                    filter_string=f"tags.`bnew.stage_key` IN ({chunk})",
+                    order_by=["attributes.start_time DESC"],
+                    max_results=1000,
+                    page_token=page_token,
+                )
+                for run in page:
+                    found[run.data.tags["bnew.stage_key"]].append(run)
+                page_token = page.token
+                if not page_token:
+                    break
+        return found
+
+    def finished_stages(self, keys: list[str], runs_by_key: dict[str, list[Run]] | None = None) -> dict[str, Run]:
+        """Stage key -> the FINISHED run that trained it, in any experiment."""
+        finished: dict[str, Run] = {}
+        for key, runs in (runs_by_key or self.stage_runs(keys)).items():
+            trained = [r for r in runs if r.info.status == "FINISHED" and REUSED_FROM_TAG not in r.data.tags]
+            if trained:
+                finished[key] = trained[0]
+        return finished
+
+    def download_model(self, key: str, destination: Path) -> Path:
+        """The model.pt of the finished run of stage `key`."""
+        run = self.finished_stages([key]).get(key)
+        if run is None:
+            raise BnewError(f"stage {key}: no finished MLflow run with tag bnew.stage_key={key} to take model.pt from")
+        destination.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run.info.run_id, "model.pt", str(destination)))
+
+    # --- trial runs ----------------------------------------------------------------------
+    def open_trial_run(self, experiment_id: str, parent_run_id: str, sweep: str, stage: Stage, role: Role) -> str:
+        """The trial's run: a retry or a rerun of the sweep continues the unfinished one."""
+        for run in self.stage_runs([stage.key], [experiment_id])[stage.key]:
+            same_role = run.info.run_name == role.name and REUSED_FROM_TAG not in run.data.tags
+            if same_role and run.info.status != "FINISHED":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+                if "bnew.error" in run.data.tags:
+                    self.client.delete_tag(run.info.run_id, "bnew.error")
+                return run.info.run_id
+        run_id = self.client.create_run(
+            experiment_id, run_name=role.name, tags=self.trial_tags(parent_run_id, sweep, stage, role)
+        ).info.run_id
+        self.log_params(run_id, stage.config)
+        return run_id
+
+    @staticmethod
+    def trial_tags(parent_run_id: str, sweep: str, stage: Stage, role: Role) -> dict[str, str]:
+        return {
+            MLFLOW_PARENT_TAG: parent_run_id,
+            "bnew.role": "trial",
+            "bnew.sweep": sweep,
+            "bnew.stage_key": stage.key,
+            **role.tags,
+        }
+
+    def log_params(self, run_id: str, config: dict[str, Any]) -> None:
+        params = [Param(key, str(value)) for key, value in flatten_config(config).items()]
+        for start in range(0, len(params), 100):  # MLflow's batch limit
+            self.client.log_batch(run_id, params=params[start : start + 100])
+
+    def log_epoch(self, run_id: str, metrics: dict[str, float]) -> None:
+        step, now = int(metrics["epoch"]), int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def finish_trial(self, run_id: str, output_dir: Path, final_metrics: dict[str, float]) -> None:
+        self.client.log_metric(run_id, "final_test_acc_binary", float(final_metrics["test_acc_binary"]))
+        self.client.log_artifact(run_id, str(output_dir / "config.yaml"))
+        self.client.log_artifact(run_id, str(output_dir / "model.pt"))
+        self.client.log_artifact(run_id, str(output_dir / "checkpoint.pt"), "checkpoint")
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def fail_trial(self, run_id: str, message: str) -> None:
+        self.client.set_tag(run_id, "bnew.error", message.splitlines()[0][:4000] if message else "failed")
+        self.client.set_terminated(run_id, "FAILED")
+
+    def link_role(self, source: Run, experiment_id: str, parent_run_id: str, sweep: str, stage: Stage, role: Role) -> str:
+        """A trial run for `role` whose stage was trained by `source` (another sweep, or another
+        role of this one): same params and metrics, tag `bnew.reused_from`, no artifacts."""
+        tags = {**self.trial_tags(parent_run_id, sweep, stage, role), REUSED_FROM_TAG: source.info.run_id}
+        run_id = self.client.create_run(experiment_id, run_name=role.name, tags=tags).info.run_id
+        self.log_params(run_id, stage.config)
+        history = [
+            metric
+            for key in source.data.metrics
+            for metric in self.client.get_metric_history(source.info.run_id, key)
+        ]
+        for start in range(0, len(history), 1000):
+            self.client.log_batch(run_id, metrics=history[start : start + 1000])
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def link_missing_roles(
+        self, experiment_id: str, parent_run_id: str, sweep: str, stage: Stage, runs: list[Run] | None = None
+    ) -> None:
+        """Give every role of a finished stage its run in this sweep's experiment.
+
+        `runs`: the stage's runs in every experiment, if the caller has them already."""
+        runs = self.stage_runs([stage.key])[stage.key] if runs is None else runs
+        trained = [r for r in runs if r.info.status == "FINISHED" and REUSED_FROM_TAG not in r.data.tags]
+        if not trained:
+            return
+        present = {r.info.run_name for r in runs if r.info.experiment_id == experiment_id and r.info.status == "FINISHED"}
+        for role in stage.roles:
+            if role.name not in present:
+                self.link_role(trained[0], experiment_id, parent_run_id, sweep, stage, role)
+
+    def trial_runs(self, experiment_id: str) -> list[Run]:
+        return list(self.client.search_runs([experiment_id], filter_string="tags.`bnew.role` = 'trial'", max_results=50000))
+
+
+def stage_state(runs: list[Run]) -> str:
+    """pending | running | done | failed, from a stage's runs (a finished one anywhere wins)."""
+    states = {RUN_STATUS_TO_STATE.get(run.info.status, "failed") for run in runs}
+    for state in ("done", "running", "failed"):
+        if state in states:
+            return state
+    return "pending"
+
