@@ -227,6 +227,9 @@ def report_outcome(outcome, plan, spec_arg: str) -> None:
     )
     for key in sorted(outcome.failed, key=lambda key: plan.stages[key].name):
         typer.echo(f"failed: {plan.stages[key].name} (stage {key})", err=True)
+    uri = plan.spec.resolved_tracking_uri()
+    browse = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1  (then http://127.0.0.1:5000)"
+    typer.echo(f"results: bnew sweep report {plan.spec.name}; bnew sweep status {plan.spec.name}; MLflow UI: {browse}")
     if outcome.failed or outcome.not_run:
         typer.echo(f"`bnew sweep resume {spec_arg}` (same options) continues from the checkpoints", err=True)
         raise typer.Exit(code=1)
