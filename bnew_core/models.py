@@ -32,6 +32,25 @@ class ChannelScale(nn.Module):
         return x * self.scale
 
 
+class PReLU(nn.PReLU):
+    """nn.PReLU (same `weight` parameter) computed as relu(x) - w * relu(-x): the same values, and
+    on the CPU about twice as fast as aten's prelu kernel, whose backward was 7% of a step. The
+    gradient differs only at x == 0 exactly (0 here, w * grad in aten)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) - self.weight.view(1, -1, 1, 1) * torch.relu(-x)
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d that pools channels-last on the CPU, where the contiguous-format kernel is
+    slower (stem's 128x16x32x32, one thread: 17 vs 13 ms forward+backward, 16 vs 5 ms in eval)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda or x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 def optional(enabled: bool, module: nn.Module) -> nn.Module:
     return module if enabled else nn.Identity()
 
@@ -54,7 +73,7 @@ class BinaryBlock(nn.Module):
                 nn.AvgPool2d(stride), nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
             )
         self.bias_b = optional(config.learnable_bias, LearnableBias(out_channels))
-        self.activation = nn.PReLU(out_channels) if config.activation == "prelu" else nn.ReLU()
+        self.activation = PReLU(out_channels) if config.activation == "prelu" else nn.ReLU()
         self.bias_c = optional(config.learnable_bias, LearnableBias(out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +88,7 @@ class BinaryResNet20(nn.Module):
         super().__init__()
         self.config = config
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.MaxPool2d(3, 2, 1)
+            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), MaxPool2d(3, 2, 1)
         )
         blocks, channels = [], 16
         for width, stride in ((16, 1), (32, 2), (64, 2)):

@@ -245,6 +245,17 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
+def execute_and_report(execute, plan, spec_arg: str) -> None:
+    """Run `execute()` (a sweep run or resume), always release Ray, then print the outcome."""
+    try:
+        outcome = execute()
+    except BnewError as exc:
+        fail(str(exc))
+    finally:
+        shutdown_ray()
+    report_outcome(outcome, plan, spec_arg)
+
+
 @sweep_app.command()
 def run(
     spec: str = typer.Argument(..., help=SPEC_HELP),
@@ -260,13 +271,8 @@ def run(
     sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches)
     from sweeps.execute import run_sweep
 
-    try:
-        outcome = run_sweep(sweep_spec, sweep_plan, typer.echo, address=address, local=local, debug=debug)
-    except BnewError as exc:
-        fail(str(exc))
-    finally:
-        shutdown_ray()
-    report_outcome(outcome, sweep_plan, spec)
+    execute_and_report(lambda: run_sweep(sweep_spec, sweep_plan, typer.echo, address=address, local=local, debug=debug),
+                       sweep_plan, spec)
 
 
 @sweep_app.command()
@@ -285,13 +291,8 @@ def resume(
     sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches)
     from sweeps.execute import resume_sweep
 
-    try:
-        outcome = resume_sweep(sweep_spec, sweep_plan, typer.echo, address=address, local=local)
-    except BnewError as exc:
-        fail(str(exc))
-    finally:
-        shutdown_ray()
-    report_outcome(outcome, sweep_plan, spec)
+    execute_and_report(lambda: resume_sweep(sweep_spec, sweep_plan, typer.echo, address=address, local=local),
+                       sweep_plan, spec)
 
 
 @sweep_app.command()
