@@ -216,7 +216,12 @@ def plan(
     from sweeps.tracking import Tracker, store_exists
 
     if lookup and store_exists(sweep_spec.resolved_tracking_uri()):
-        reused = set(Tracker(sweep_spec.resolved_tracking_uri()).finished_stages(list(sweep_plan.stages)))
+        from mlflow.exceptions import MlflowException
+
+        try:
+            reused = set(Tracker(sweep_spec.resolved_tracking_uri()).finished_stages(list(sweep_plan.stages)))
+        except MlflowException as exc:
+            fail(f"tracking_uri: {sweep_spec.resolved_tracking_uri()} is not reachable ({str(exc).splitlines()[0][:160]})")
     print_plan(sweep_plan, reused)
 
 
@@ -247,10 +252,15 @@ def shutdown_ray() -> None:
 
 def execute_and_report(execute, plan, spec_arg: str) -> None:
     """Run `execute()` (a sweep run or resume), always release Ray, then print the outcome."""
+    from mlflow.exceptions import MlflowException
+
     try:
         outcome = execute()
     except BnewError as exc:
         fail(str(exc))
+    except MlflowException as exc:  # a dead tracking server: finished trials stay in Tune's storage
+        fail(f"tracking_uri: {plan.spec.resolved_tracking_uri()} failed ({str(exc).splitlines()[0][:160]}); "
+             f"`bnew sweep resume` continues once it is back")
     finally:
         shutdown_ray()
     report_outcome(outcome, plan, spec_arg)
