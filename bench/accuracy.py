@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile on/off (default: the trainer's choice, on for trials of 2,000+ steps)")
     parser.add_argument("--output-dir", type=Path, default=None, help="trial folders (default: a temp dir)")
     parser.add_argument("--out", type=Path, help="also write the table here as text")
     args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -41,6 +42,22 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BnewError(f"device: {name} requested but no CUDA device is available")
     return device
+
+
+COMPILE_MIN_STEPS = 2000
+
+
+def should_compile(config: TrialConfig, steps: int, device: torch.device) -> bool:
+    """`config.compile`, or when unset: a long enough trial on a device inductor can compile for."""
+    if config.compile is not None:
+        return config.compile
+    if steps < COMPILE_MIN_STEPS:
+        return False
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    return device.type == "cpu" and any(shutil.which(name) for name in ("g++", "c++", "clang++"))
 
 
 def seed_everything(seed: int) -> None:
@@ -109,7 +126,10 @@ def train(config: TrialConfig, callbacks: Sequence[Callback] = (), resume_from: 
     method: WeightMethod = build_method(model, config, len(loader))
     use_bf16 = config.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    forward = torch.compile(model) if config.compile else model
+    compiled = should_compile(config, len(loader) * config.epochs, device)
+    forward = torch.compile(model) if compiled else model
+    if teacher is not None and compiled:
+        teacher = torch.compile(teacher)
 
     output_dir = config.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import torch
 
 from bnew_core.callbacks import Callback
 from bnew_core.config import BnewError, TrialConfig
-from bnew_core.train import train
+from bnew_core.train import COMPILE_MIN_STEPS, should_compile, train
 
 TIMING = {"epoch_seconds", "images_per_second"}
 
@@ -55,6 +55,30 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path) -> None:
     runs = [train(synthetic(tmp_path, f"r{i}", phase="pretrain", epochs=2, seed=seed)) for i, seed in enumerate((3, 3, 4))]
     assert without_timing(runs[0].history) == without_timing(runs[1].history)
     assert without_timing(runs[0].history) != without_timing(runs[2].history)
+
+
+def test_compiled_trainer_follows_the_eager_one(tmp_path: Path) -> None:
+    """torch.compile (the fast path of long trials) trains the same model: the per-epoch loss and
+    accuracies of a BNEW run match the eager run's up to float reordering (a few sign flips)."""
+    runs = {}
+    for compiled in (False, True):
+        runs[compiled] = train(synthetic(tmp_path, f"compile{compiled}", phase="quantise", epochs=2, compile=compiled,
+                                         optimiser={"name": "bnew", "lambda_rate": 2.0, "freeze_epochs": 0}))
+    for eager, compiled in zip(runs[False].history, runs[True].history, strict=True):
+        assert compiled["loss"] == pytest.approx(eager["loss"], rel=0.02)
+        for key in ("train_acc", "test_acc_float", "test_acc_binary"):
+            assert abs(compiled[key] - eager[key]) <= 5.0, (key, eager[key], compiled[key])
+        assert compiled["dist_to_binary"] == pytest.approx(eager["dist_to_binary"], rel=0.02)
+
+
+def test_compile_by_default_only_for_long_trials(tmp_path: Path) -> None:
+    cpu = torch.device("cpu")
+    short = synthetic(tmp_path, "short", phase="pretrain")
+    assert not should_compile(short, COMPILE_MIN_STEPS - 1, cpu)
+    assert should_compile(short.model_copy(update={"compile": True}), 10, cpu)
+    assert not should_compile(short.model_copy(update={"compile": False}), 10 * COMPILE_MIN_STEPS, cpu)
+    # A long trial compiles where the CPU backend's C++ compiler is present (this test machine has one).
+    assert should_compile(short, COMPILE_MIN_STEPS, cpu)
 
 
 def test_checkpoint_contents_load_with_weights_only(tmp_path: Path) -> None:
