@@ -9,7 +9,9 @@ resume`, through `Tuner.restore`) continues from the last epoch, and records its
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import json
 import os
 import pickle
 import shutil
@@ -59,17 +61,45 @@ class SweepOutcome:
 
 # --- one stage, in whatever process runs it ---------------------------------------------------
 class MlflowEpochLogger(Callback):
-    """Per-epoch metrics to the trial's MLflow run (step = epoch)."""
+    """Per-epoch metrics to the trial's MLflow run (step = epoch), each epoch once, none lost.
+
+    If the MLflow server cannot be reached, training goes on: the epochs not logged are kept and
+    sent with the next epoch's; if some are still missing when training ends, the trial fails
+    (`close`) and its retry sends them, from the metrics.jsonl its checkpoint restores. A
+    retry also retrains the epochs after Tune's last registered checkpoint; their values are
+    the same (resume is exact) and those already logged are not sent again."""
 
     def __init__(self, tracker: Tracker, run_id: str):
         self.tracker, self.run_id = tracker, run_id
+        self.pending: list[Metrics] = []
+        self.logged_epochs: set[int] = set()
 
     def on_train_start(self, config: Any, start_epoch: int, batches_per_epoch: int) -> None:
         if start_epoch > 0:
             self.tracker.client.set_tag(self.run_id, "bnew.resumed_from_epoch", str(start_epoch))
+        self.logged_epochs = self.tracker.logged_epochs(self.run_id)
+        history = (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
+        self.pending = [row for row in map(json.loads, history) if int(row["epoch"]) not in self.logged_epochs]
+        self.flush()
 
     def on_epoch_end(self, epoch: int, metrics: Metrics, checkpoint: Path | None) -> None:
-        self.tracker.log_epoch(self.run_id, metrics)
+        if epoch not in self.logged_epochs:
+            self.pending.append(metrics)
+        self.flush()
+
+    def close(self) -> None:
+        """Send what is still pending; raises while MLflow is down (the trial's retry sends it)."""
+        while self.pending:
+            self.tracker.log_epoch(self.run_id, self.pending[0])
+            self.logged_epochs.add(int(self.pending.pop(0)["epoch"]))
+
+    def flush(self) -> None:
+        try:
+            self.close()
+        except Exception as exc:  # any failure to reach MLflow: keep training, keep the metrics
+            epochs = ", ".join(str(int(row["epoch"])) for row in self.pending)
+            print(f"warning: MLflow did not take the metrics of epoch(s) {epochs} ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200]}); kept, sent again after the next epoch", flush=True)
 
 
 class TuneReporter(Callback):
@@ -123,10 +153,13 @@ def execute_stage(
             for field_name, key in stage.inputs.items()
         }
         config = stage.trial_config(work_dir / "output", input_paths)
-        result = train(config, [MlflowEpochLogger(tracker, run_id), *callbacks], resume_from=resume_from)
+        logger = MlflowEpochLogger(tracker, run_id)
+        result = train(config, [logger, *callbacks], resume_from=resume_from)
+        logger.close()
         tracker.finish_trial(run_id, result.output_dir, result.final_metrics)
     except BaseException as exc:
-        tracker.fail_trial(run_id, f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(Exception):  # MLflow may be the thing that is down
+            tracker.fail_trial(run_id, f"{type(exc).__name__}: {exc}")
         raise
     if len(stage.roles) > 1:
         tracker.link_missing_roles(context.experiment_id, context.parent_run_id, context.sweep, stage)

@@ -182,6 +182,10 @@ class Tracker:
         for start in range(0, len(params), 100):  # MLflow's batch limit
             self.client.log_batch(run_id, params=params[start : start + 100])
 
+    def logged_epochs(self, run_id: str) -> set[int]:
+        """Epochs whose metrics the run already holds (a continued run's earlier attempts)."""
+        return {metric.step for metric in self.client.get_metric_history(run_id, "loss")}
+
     def log_epoch(self, run_id: str, metrics: dict[str, float]) -> None:
         step, now = int(metrics["epoch"]), int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])

@@ -32,7 +32,7 @@ def test_bench_tiny_run_reports_both_trainers(tmp_path: Path, monkeypatch: pytes
     out = tmp_path / "bench.json"
     report = main(["--data", str(tmp_path / "data"), "--max-batches", "2", "--repeats", "1", "--val-size", "32",
                    "--device", "cpu", "--json", str(out), "--scratch", str(tmp_path / "runs"),
-                   "--no-compile"])  # compiling is tested in test_train; here it would only cost time
+                   "--no-compile", "--concurrent", "1,2"])  # compiling is tested in test_train; here it would only cost time
     printed = capsys.readouterr().out
     assert "baseline" in printed and "fast" in printed and "paper-table1" in printed
     saved = json.loads(out.read_text())
@@ -42,6 +42,8 @@ def test_bench_tiny_run_reports_both_trainers(tmp_path: Path, monkeypatch: pytes
         assert saved[kind]["runs"][0]["first_epoch_seconds"] > 0  # epoch 1 of 2 timed apart from epoch 2
     assert saved["ratio"]["epoch_seconds"] > 0 and report["ratio"]["images_per_second"] > 0
     assert saved["train_images_full_epoch"] == 2 * 128  # (320 - 32) // 128 full batches
+    assert set(saved["concurrent"]) == {"1", "2"} and all(rate > 0 for rate in saved["concurrent"].values())
+    assert "concurrent trials" in printed
 
 
 def test_preset_trial_epochs_match_the_sweep_plans() -> None:

@@ -109,7 +109,7 @@ def test_killed_trial_is_retried_from_its_checkpoint(tmp_path: Path) -> None:
     assert trial.info.status == "FINISHED"
     assert int(trial.data.tags["bnew.resumed_from_epoch"]) >= 1  # not from scratch
     steps = [m.step for m in store(tmp_path).get_metric_history(trial.info.run_id, "test_acc_binary")]
-    assert sorted(set(steps)) == [0, 1, 2, 3]
+    assert sorted(steps) == [0, 1, 2, 3]  # every epoch once, also those retrained after the kill
 
 
 def test_failed_sweep_resumes_from_checkpoints_without_rerunning_finished_stages(tmp_path: Path) -> None:
@@ -125,6 +125,8 @@ def test_failed_sweep_resumes_from_checkpoints_without_rerunning_finished_stages
     trial = the_trial(store(tmp_path), "interrupted")  # still one pretrain run: not retrained
     assert trial.info.status == "FINISHED" and "bnew.error" not in trial.data.tags
     assert int(trial.data.tags["bnew.resumed_from_epoch"]) >= 1
+    steps = [m.step for m in store(tmp_path).get_metric_history(trial.info.run_id, "loss")]
+    assert sorted(steps) == [0, 1, 2, 3]
 
 
 def test_debug_run_needs_no_ray_and_another_sweep_reuses_its_stages(tmp_path: Path) -> None:

@@ -57,18 +57,34 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path) -> None:
     assert without_timing(runs[0].history) != without_timing(runs[2].history)
 
 
-def test_compiled_trainer_follows_the_eager_one(tmp_path: Path) -> None:
-    """torch.compile (the fast path of long trials) trains the same model: the per-epoch loss and
-    accuracies of a BNEW run match the eager run's up to float reordering (a few sign flips)."""
-    runs = {}
-    for compiled in (False, True):
-        runs[compiled] = train(synthetic(tmp_path, f"compile{compiled}", phase="quantise", epochs=2, compile=compiled,
-                                         optimiser={"name": "bnew", "lambda_rate": 2.0, "freeze_epochs": 0}))
-    for eager, compiled in zip(runs[False].history, runs[True].history, strict=True):
-        assert compiled["loss"] == pytest.approx(eager["loss"], rel=0.02)
-        for key in ("train_acc", "test_acc_float", "test_acc_binary"):
-            assert abs(compiled[key] - eager[key]) <= 5.0, (key, eager[key], compiled[key])
-        assert compiled["dist_to_binary"] == pytest.approx(eager["dist_to_binary"], rel=0.02)
+def test_compiled_model_computes_what_the_eager_one_does(tmp_path: Path) -> None:
+    """torch.compile (the fast path of long trials) fuses the ops, it does not change the model:
+    same logits and gradients (up to float reordering) in training and eval mode, and a compiled
+    trial runs end to end. (Whole trials are not compared: sign() makes trajectories chaotic,
+    so two numerically equal models drift apart like two seeds.)"""
+    from bnew_core.config import ModelConfig
+    from bnew_core.models import build_model
+
+    torch.manual_seed(0)
+    eager = build_model(ModelConfig(arch="resnet20"), 3, 10)
+    twin = build_model(ModelConfig(arch="resnet20"), 3, 10)
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin)
+    # The trial below uses these shapes too (batch 32, 32x32x3), so its graphs come from the cache.
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    for model in (eager, compiled):
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+    assert torch.allclose(compiled(images), eager(images), atol=1e-4)
+    for (name, a), b in zip(eager.named_parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-3), name
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        assert torch.allclose(compiled(images), eager(images), atol=1e-4)
+
+    result = train(synthetic(tmp_path, "compiled", phase="quantise", epochs=2, compile=True, eval_batch_size=32,
+                             optimiser={"name": "bnew", "lambda_rate": 2.0, "freeze_epochs": 0}))
+    assert len(result.history) == 2 and all(torch.isfinite(torch.tensor(row["loss"])) for row in result.history)
+    assert result.history[-1]["dist_to_binary"] < result.history[0]["dist_to_binary"]  # BNEW's prox at work
 
 
 def test_compile_by_default_only_for_long_trials(tmp_path: Path) -> None:
