@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scratch", type=Path, default=None, help="trial output folders (default: a temp dir)")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.epochs < 1 or args.repeats < 1:
+        parser.error("--epochs and --repeats: at least 1")
+    if not all(part.strip().isdigit() and int(part) > 0 for part in args.concurrent.split(",") if part):
+        parser.error(f"--concurrent: {args.concurrent!r} is not a list of trial counts like 1,2,4,8")
     if args.worker:
         worker(*args.worker)
         return {}
@@ -228,4 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from bnew_core.config import BnewError
+
+    try:
+        main()
+    except BnewError as error:  # bad data path or settings: one line, not a traceback
+        raise SystemExit(f"python -m bench: {error}") from None
