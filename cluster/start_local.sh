@@ -23,6 +23,7 @@ mkdir -p "$STATE/artifacts"
 # Ray's socket paths must stay under 107 bytes, so its session folder lives in a short /tmp path.
 export RAY_TMPDIR=${RAY_TMPDIR:-$(mktemp -d /tmp/bnew-ray-XXXXXX)}
 echo "$RAY_TMPDIR" >"$STATE/ray_tmpdir"
+echo "$RAY_PORT" >"$STATE/ray_port"
 # Ray's token authentication: every node and driver presents the same secret token.
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/ray_auth_token"
 [ -f "$RAY_AUTH_TOKEN_PATH" ] || (umask 077 && "$BIN/python" -c "import secrets; print(secrets.token_hex(32))" >"$RAY_AUTH_TOKEN_PATH")
