@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Any
 
 Metrics = dict[str, float]
-"""Per-epoch metrics. Keys: epoch, loss, train_acc, test_acc_float, test_acc_binary,
-val_acc_binary (with a validation split), dist_to_binary, flip_fraction, lambda, lr,
-epoch_seconds, images_per_second. Accuracies are percentages."""
+"""Per-epoch metrics (keys in `EPOCH_METRICS`). Accuracies are percentages."""
+EPOCH_METRICS = (
+    "epoch", "loss", "train_acc", "test_acc_float", "test_acc_binary",
+    "val_acc_binary",  # with a validation split
+    "dist_to_binary", "flip_fraction", "lambda", "bmd_k", "bop_gamma",  # of the weight method
+    "lr", "epoch_seconds", "images_per_second",
+)
+"""Every metric the trainer reports per epoch (a test checks it against a real run)."""
 
 
 @dataclass

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,44 @@ def save_atomic(payload: dict[str, Any], path: Path) -> Path:
     return path
 
 
+class CorruptCheckpointError(BnewError):
+    """A file does not match the checksum stored beside it (truncated or corrupted)."""
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.sha256")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksum(path: Path) -> None:
+    """`path.sha256` beside `path`, in `sha256sum` format, so a damaged copy is detected on load."""
+    temporary = checksum_path(path).with_name(f".{checksum_path(path).name}.tmp{os.getpid()}")
+    temporary.write_text(f"{sha256(path)}  {path.name}\n")
+    os.replace(temporary, checksum_path(path))
+
+
+def verify_checksum(path: Path, field: str, required: bool = False) -> None:
+    """Raise `CorruptCheckpointError` if `path` does not match the checksum beside it (or, if
+    `required`, has none)."""
+    stored = checksum_path(path)
+    if required and not (path.is_file() and stored.is_file()):
+        raise CorruptCheckpointError(f"{field}: {path} or its checksum {stored.name} is missing")
+    if stored.is_file() and stored.read_text().split()[0] != sha256(path):
+        raise CorruptCheckpointError(f"{field}: {path} does not match its checksum {stored.name} (truncated or corrupted)")
+
+
 def load_file(path: Path, expected_format: str, field: str) -> dict[str, Any]:
     """Load a checkpoint or model file; any problem becomes a one-line `BnewError` naming it."""
     if not path.is_file():
         raise BnewError(f"{field}: {path} does not exist")
+    verify_checksum(path, field)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupted or foreign files fail in many ways

@@ -7,11 +7,12 @@ weight decay) are resolved by `TrialConfig` so a dumped config is always explici
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class BnewError(Exception):
@@ -173,6 +174,13 @@ class TrialConfig(StrictModel):
     least 2,000 optimisation steps and a compiler is there (a C++ compiler on the CPU, Triton on
     CUDA); compiling takes about a minute cold (seconds from the on-disk cache) and made a step
     2.1x faster on a 2-core CPU, so it pays for real trials and not for smoke tests."""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"{device!r} is not a device (auto, cpu, cuda, cuda:N)")
+        return device
 
     @model_validator(mode="after")
     def _resolve_phase_defaults(self) -> "TrialConfig":

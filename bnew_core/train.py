@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import shutil
 import time
@@ -25,11 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .callbacks import Callback, Metrics, TrialResult
-from .checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT, load_file, rng_state, save_atomic, set_rng_state
+from .checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT, load_file, rng_state, save_atomic, set_rng_state, write_checksum
 from .config import BnewError, TrialConfig, build_trial_config, dump_trial_config
 from .data import BatchLoader, ImageData, Split, eval_batches, load_data
 from .models import build_model
 from .optimisers import WeightMethod, build_method
+
+
+class DivergedError(BnewError):
+    """The loss became NaN or infinite: training cannot recover, and a retry would do the same."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -189,6 +194,8 @@ def train(config: TrialConfig, callbacks: Sequence[Callback] = (), resume_from: 
         }
         metrics: Metrics = {"epoch": float(epoch)}
         metrics.update({key: float(value) for key, value in device_values.items()})  # the one sync
+        if not math.isfinite(metrics["loss"]):
+            raise DivergedError(f"loss: {metrics['loss']} in epoch {epoch}, the trial diverged (lr {config.lr:g})")
         metrics.update(method.extra_metrics())
         metrics.update({
             "lr": config.lr * method.lr_factor(),
@@ -210,6 +217,7 @@ def train(config: TrialConfig, callbacks: Sequence[Callback] = (), resume_from: 
                 "rng": rng_state(),
                 "history": history,
             }, checkpoint_path)
+            write_checksum(written)
         for callback in callbacks:
             callback.on_epoch_end(epoch, metrics, written)
 

@@ -146,12 +146,15 @@ sweep_app.command("report")(report_command)
 SPEC_HELP = "Sweep spec YAML, or a preset name (see `bnew sweep list`)."
 MAX_EPOCHS_HELP = "Cap every stage's epochs (a dry run: capped stages get their own keys)."
 MAX_BATCHES_HELP = "Cap batches per epoch (a dry run, like --max-epochs)."
+YES_HELP = "Run a sweep of more than 1,000 trials."
 ADDRESS_HELP = "Ray cluster to run on (ray://HOST:10001 or HOST:6379). Default: RAY_ADDRESS, a running local Ray, or a new one."
 
 
-def load_sweep_plan(spec_arg: str, max_epochs: Optional[int], max_batches: Optional[int]):
-    """Spec and plan, or exit 2 naming the bad key (before Ray or MLflow start)."""
-    from sweeps.plan import build_plan
+def load_sweep_plan(spec_arg: str, max_epochs: Optional[int], max_batches: Optional[int],
+                    on_this_machine: bool = True, yes: bool = True):
+    """Spec and plan, or exit 2 naming the bad key (before Ray or MLflow start); see `check_sweep`
+    for `on_this_machine` (False: the driver runs on a cluster) and `yes`."""
+    from sweeps.plan import build_plan, check_sweep
     from sweeps.spec import load_spec
 
     for option, value in (("--max-epochs", max_epochs), ("--max-batches", max_batches)):
@@ -159,7 +162,9 @@ def load_sweep_plan(spec_arg: str, max_epochs: Optional[int], max_batches: Optio
             fail(f"{option}: must be positive, got {value}")
     try:
         spec = load_spec(spec_arg)
-        return spec, build_plan(spec, spec_arg, max_epochs, max_batches)
+        sweep_plan = build_plan(spec, spec_arg, max_epochs, max_batches)
+        check_sweep(sweep_plan, on_this_machine, yes)
+        return spec, sweep_plan
     except BnewError as exc:
         fail(str(exc))
 
@@ -235,9 +240,11 @@ def report_outcome(outcome, plan, spec_arg: str) -> None:
     uri = plan.spec.resolved_tracking_uri()
     browse = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1  (then http://127.0.0.1:5000)"
     typer.echo(f"results: bnew sweep report {plan.spec.name}; bnew sweep status {plan.spec.name}; MLflow UI: {browse}")
+    if outcome.interrupted:
+        typer.echo(f"interrupted by {outcome.interrupted}: unfinished trials are marked KILLED", err=True)
     if outcome.failed or outcome.not_run:
         typer.echo(f"`bnew sweep resume {spec_arg}` (same options) continues from the checkpoints", err=True)
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=INTERRUPTED_EXIT if outcome.interrupted else 1)
 
 
 def shutdown_ray() -> None:
@@ -250,6 +257,10 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
+INTERRUPTED_EXIT = 130
+"""Exit status of a sweep stopped by a signal (as a shell reports Ctrl-C)."""
+
+
 def execute_and_report(execute, plan, spec_arg: str) -> None:
     """Run `execute()` (a sweep run or resume), always release Ray, then print the outcome."""
     from mlflow.exceptions import MlflowException
@@ -258,6 +269,9 @@ def execute_and_report(execute, plan, spec_arg: str) -> None:
         outcome = execute()
     except BnewError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:  # a second Ctrl-C: the sweep's runs are already marked KILLED
+        typer.echo(f"interrupted: `bnew sweep resume {spec_arg}` (same options) continues the sweep", err=True)
+        raise typer.Exit(code=INTERRUPTED_EXIT)
     except MlflowException as exc:  # a dead tracking server: finished trials stay in Tune's storage
         fail(f"tracking_uri: {plan.spec.resolved_tracking_uri()} failed ({str(exc).splitlines()[0][:160]}); "
              f"`bnew sweep resume` continues once it is back")
@@ -274,11 +288,12 @@ def run(
     debug: bool = typer.Option(False, "--debug", help="No Ray: stages one by one in this process (breakpoints work)."),
     max_epochs: Optional[int] = typer.Option(None, help=MAX_EPOCHS_HELP),
     max_batches: Optional[int] = typer.Option(None, help=MAX_BATCHES_HELP),
+    yes: bool = typer.Option(False, "--yes", help=YES_HELP),
 ) -> None:
     """Train every stage of SPEC that MLflow has not finished yet, on Ray Tune, and record it."""
     if sum((address is not None, local, debug)) > 1:
         fail("--address, --local and --debug exclude each other")
-    sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches)
+    sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches, yes=yes)
     from sweeps.execute import run_sweep
 
     execute_and_report(lambda: run_sweep(sweep_spec, sweep_plan, typer.echo, address=address, local=local, debug=debug),
@@ -292,13 +307,14 @@ def resume(
     local: bool = typer.Option(False, "--local", help="Start a Ray instance on this machine."),
     max_epochs: Optional[int] = typer.Option(None, help="The --max-epochs the interrupted run used."),
     max_batches: Optional[int] = typer.Option(None, help="The --max-batches the interrupted run used."),
+    yes: bool = typer.Option(False, "--yes", help=YES_HELP),
 ) -> None:
     """Continue an interrupted sweep: unfinished and failed trials resume from their checkpoints.
 
     Finished trials are not run again; stages that never started are trained."""
     if address is not None and local:
         fail("--address and --local exclude each other")
-    sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches)
+    sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches, yes=yes)
     from sweeps.execute import resume_sweep
 
     execute_and_report(lambda: resume_sweep(sweep_spec, sweep_plan, typer.echo, address=address, local=local),
@@ -337,6 +353,13 @@ def status(
     for score in result.best:
         best.add_row(score.name, score.status, str(score.epoch), f"{score.test_acc_binary:.2f}")
     console.print(best)
+    if result.unfinished:
+        unfinished = Table(title="failed and interrupted trials (`bnew sweep resume` retries them)")
+        for column in ("trial", "state", "reason"):
+            unfinished.add_column(column)
+        for trial in result.unfinished:
+            unfinished.add_row(trial.name, trial.state, trial.error)
+        console.print(unfinished)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m sweeps.cli`

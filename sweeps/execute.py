@@ -25,7 +25,9 @@ from urllib.parse import urlparse
 from ray.tune.search import Searcher
 
 from bnew_core.callbacks import Callback, Metrics
+from bnew_core.checkpoint import CorruptCheckpointError, checksum_path, verify_checksum
 from bnew_core.config import BnewError
+from sweeps.interrupt import Interruption
 from sweeps.plan import Plan, Stage
 from sweeps.spec import SweepSpec, dump_spec
 from sweeps.tracking import Tracker, is_local_uri
@@ -33,6 +35,11 @@ from sweeps.tracking import Tracker, is_local_uri
 FAULT_ENV = "BNEW_SWEEP_FAULT"
 """Test hook: `PATTERN@EPOCH[:exit]` makes the first attempt of every trial whose run name
 matches the glob PATTERN raise (or, with `:exit`, kill its process) after reporting EPOCH."""
+CHECKPOINT_CORRUPT_TAG = "bnew.checkpoint_corrupt"
+"""On a trial run: the damaged checkpoints a restore skipped, with why."""
+STAGE_FAILED = "bnew_failed"
+"""Key of the last Tune result of a trial that failed for a reason a retry cannot fix (a
+`BnewError`: bad input, divergence): the trial ends without Tune retrying it."""
 
 Log = Callable[[str], None]
 
@@ -57,6 +64,8 @@ class SweepOutcome:
     """Started but not finished: failed, or interrupted."""
     not_run: set[str] = field(default_factory=set)
     """Never started: an input failed, or the sweep was interrupted first."""
+    interrupted: str | None = None
+    """The signal that stopped the sweep (SIGINT, SIGTERM), if one did."""
 
 
 # --- one stage, in whatever process runs it ---------------------------------------------------
@@ -117,6 +126,7 @@ class TuneReporter(Callback):
             # Tune persists the directory's contents during report; the copy can go afterwards.
             with tempfile.TemporaryDirectory(dir=checkpoint.parent) as directory:
                 shutil.copy2(checkpoint, Path(directory) / "checkpoint.pt")
+                shutil.copy2(checksum_path(checkpoint), Path(directory) / checksum_path(checkpoint).name)
                 tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(directory))
         if epoch == self.fault_epoch:
             if self.fault_exit:
@@ -140,14 +150,17 @@ def execute_stage(
     work_dir: Path,
     resume_from: Path | None = None,
     callbacks: Sequence[Callback] = (),
+    tags: dict[str, str] | None = None,
 ) -> None:
-    """Train one stage and record it: fetch input models from MLflow, train, log the run."""
+    """Train one stage and record it: fetch input models from MLflow, train, log the run (with `tags`)."""
     from bnew_core.train import train
 
     tracker = Tracker(context.tracking_uri)
     role = stage.roles[0]
     run_id = tracker.open_trial_run(context.experiment_id, context.parent_run_id, context.sweep, stage, role)
     try:
+        for tag, value in (tags or {}).items():
+            tracker.client.set_tag(run_id, tag, value)
         input_paths = {
             field_name: tracker.download_model(key, work_dir / "inputs" / field_name)
             for field_name, key in stage.inputs.items()
@@ -159,7 +172,8 @@ def execute_stage(
         tracker.finish_trial(run_id, result.output_dir, result.final_metrics)
     except BaseException as exc:
         with contextlib.suppress(Exception):  # MLflow may be the thing that is down
-            tracker.fail_trial(run_id, f"{type(exc).__name__}: {exc}")
+            # Not an Exception: KeyboardInterrupt or SystemExit, the trial was stopped from outside.
+            tracker.fail_trial(run_id, f"{type(exc).__name__}: {exc}", killed=not isinstance(exc, Exception))
         raise
     if len(stage.roles) > 1:
         tracker.link_missing_roles(context.experiment_id, context.parent_run_id, context.sweep, stage)
@@ -171,12 +185,43 @@ def tune_trial(config: dict[str, Any]) -> None:
 
     stage, context = Stage.from_dict(config["stage"]), SweepContext(**config["sweep"])
     trial_dir = Path(tune.get_context().get_trial_dir())
-    resume_from = None
+    resume_from, corrupt = None, []
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        resume_from = Path(checkpoint.to_directory(str(trial_dir / "restored"))) / "checkpoint.pt"
+        resume_from, corrupt = restore_checkpoint(checkpoint, trial_dir / "restored")
+    tags = {CHECKPOINT_CORRUPT_TAG: "; ".join(corrupt)[:4000]} if corrupt else {}
     reporter = TuneReporter(stage.name, first_attempt=checkpoint is None)
-    execute_stage(stage, context, trial_dir, resume_from, [reporter])
+    try:
+        execute_stage(stage, context, trial_dir, resume_from, [reporter], tags)
+    except BnewError as exc:  # recorded FAILED by execute_stage; a retry would fail the same way
+        tune.report({STAGE_FAILED: True, "bnew_error": str(exc)})
+
+
+def restore_checkpoint(checkpoint: Any, destination: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint of the trial that matches its checksum, copied under `destination`
+    (None: start afresh), and why each newer one was skipped.
+
+    Tune restores the latest checkpoint it registered; `CheckpointConfig(num_to_keep=2)` keeps the
+    one before it in the same folder of the trial's storage (which may also hold a newer one the
+    experiment state did not register before the driver died: its epochs need not be redone)."""
+    from pyarrow.fs import FileSelector
+    from ray import tune
+
+    trial_storage = checkpoint.path.rstrip("/").rpartition("/")[0]
+    kept = sorted(
+        (info.path for info in checkpoint.filesystem.get_file_info(FileSelector(trial_storage))
+         if info.base_name.startswith("checkpoint_")),
+        reverse=True,
+    )
+    corrupt = []
+    for path in kept:
+        directory = tune.Checkpoint(path, checkpoint.filesystem).to_directory(str(destination / path.rpartition("/")[2]))
+        try:
+            verify_checksum(Path(directory) / "checkpoint.pt", "checkpoint", required=True)
+            return Path(directory) / "checkpoint.pt", corrupt
+        except CorruptCheckpointError as exc:
+            corrupt.append(str(exc))
+    return None, corrupt
 
 
 # --- the search algorithm that releases stages as their inputs finish ---------------------------
@@ -210,7 +255,7 @@ class StageScheduler(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         key = self.trial_stage[trial_id]
-        if error:
+        if error or (result or {}).get(STAGE_FAILED):
             self.failed.add(key)
         else:
             self.done.add(key)
@@ -273,12 +318,12 @@ def trainable(spec: SweepSpec) -> Any:
     return tune.with_resources(tune_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
-def run_on_tune(spec: SweepSpec, stages: list[Stage], done: set[str], context: SweepContext) -> None:
-    """Run `stages` in one Tuner (a new Tune experiment under the sweep's storage folder)."""
+def sweep_tuner(spec: SweepSpec, stages: list[Stage], done: set[str], context: SweepContext) -> Any:
+    """A Tuner for `stages` (a new Tune experiment under the sweep's storage folder)."""
     from ray import tune
 
     scheduler = StageScheduler(stages, done, context)
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable(spec),
         tune_config=tune.TuneConfig(
             search_alg=scheduler,
@@ -289,7 +334,6 @@ def run_on_tune(spec: SweepSpec, stages: list[Stage], done: set[str], context: S
         ),
         run_config=tune_run_config(spec, time.strftime("%Y%m%d-%H%M%S")),
     )
-    tuner.fit()  # failures are read back from MLflow by `finish`
 
 
 def tune_storage(spec: SweepSpec) -> str:
@@ -342,31 +386,53 @@ def run_sweep(
     address: str | None = None,
     local: bool = False,
     debug: bool = False,
+    restore: Path | None = None,
 ) -> SweepOutcome:
-    """Train every stage of `plan` that MLflow does not have finished yet."""
+    """Train every stage of `plan` that MLflow does not have finished yet; with `restore`, first
+    continue that Tune experiment (its unfinished and errored trials, from their checkpoints)."""
     if not debug:
         check_cluster_settings(spec, address, log)
     tracker, context, outcome = open_sweep(spec, plan, log)
     pending = [stage for key, stage in plan.stages.items() if key not in outcome.reused]
     log(f"{len(outcome.reused)} stages reused, {len(pending)} to train ({plan.epochs({s.key for s in pending})} epochs)")
+    interruption = Interruption()
     try:
         if pending and debug:
             run_in_process(pending, context, Path(tune_storage(spec)) / "debug", log)
         elif pending:
+            from ray import tune
+
             start_ray(address, local, log)
-            run_on_tune(spec, pending, outcome.reused, context)
+            done = set(outcome.reused)
+            if restore is not None:
+                log(f"resuming Tune experiment {restore}")
+                interruption.fit(tune.Tuner.restore(str(restore), trainable(spec), resume_errored=True))
+                done |= set(tracker.finished_stages([stage.key for stage in pending]))
+            missing = [stage for stage in pending if stage.key not in done]
+            if missing:
+                interruption.fit(sweep_tuner(spec, missing, done, context))
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's SIGTERM handler, outside Tune
+        interruption.signal_name = interruption.signal_name or "SIGINT"
+        raise
     finally:
-        finish(tracker, context, plan, outcome, pending)
+        outcome.interrupted = interruption.signal_name
+        finish(tracker, context, outcome, pending)
     return outcome
 
 
-def finish(tracker: Tracker, context: SweepContext, plan: Plan, outcome: SweepOutcome, pending: list[Stage]) -> None:
-    """Sort the pending stages by what MLflow now says and close the parent run."""
+def finish(tracker: Tracker, context: SweepContext, outcome: SweepOutcome, pending: list[Stage]) -> None:
+    """Sort the pending stages by what MLflow now says and close the parent run.
+
+    Tune has ended every trial by now, so a run still RUNNING belongs to a trial stopped from
+    outside (the sweep interrupted, or its process lost for good): it is marked KILLED."""
     runs_by_key = tracker.stage_runs([stage.key for stage in pending])
+    reason = (f"interrupted ({outcome.interrupted})" if outcome.interrupted
+              else "its process ended without recording the end of the run")
+    tracker.kill_running_trials(context.experiment_id, runs_by_key, f"{reason}; `bnew sweep resume` continues it")
     outcome.trained = set(tracker.finished_stages(list(runs_by_key), runs_by_key))
     outcome.failed = {key for key, runs in runs_by_key.items() if runs and key not in outcome.trained}
     outcome.not_run = {key for key, runs in runs_by_key.items() if not runs}
-    tracker.finish_sweep_run(context.parent_run_id, len(outcome.failed) + len(outcome.not_run))
+    tracker.finish_sweep_run(context.parent_run_id, len(outcome.failed) + len(outcome.not_run), outcome.interrupted)
 
 
 def resume_sweep(spec: SweepSpec, plan: Plan, log: Log, address: str | None = None, local: bool = False) -> SweepOutcome:
@@ -374,14 +440,9 @@ def resume_sweep(spec: SweepSpec, plan: Plan, log: Log, address: str | None = No
     their checkpoints), then run whatever stages are still missing."""
     from ray import tune
 
-    check_cluster_settings(spec, address, log)
     storage = Path(tune_storage(spec))  # local or shared file system (URIs are not listed here)
     experiments = sorted(path for path in storage.glob("*") if path.name != "debug")
     restorable = [path for path in experiments if tune.Tuner.can_restore(str(path))]
-    if restorable:
-        log(f"resuming Tune experiment {restorable[-1]}")
-        start_ray(address, local, log)
-        tune.Tuner.restore(str(restorable[-1]), trainable(spec), resume_errored=True).fit()
-    else:
+    if not restorable:
         log(f"no Tune experiment of {spec.name!r} under {storage} to restore; running the missing stages")
-    return run_sweep(spec, plan, log, address=address, local=local)
+    return run_sweep(spec, plan, log, address=address, local=local, restore=restorable[-1] if restorable else None)

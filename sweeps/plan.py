@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
@@ -34,6 +35,8 @@ KEY_EXCLUDED_FIELDS = {
     "data.root", "data.download",
 }
 """Fields that change where or how fast a stage runs, not what it learns: left out of the key."""
+MAX_TRIALS = 1000
+"""Larger sweeps need `--yes`: one axis too many can multiply a sweep's cost unnoticed."""
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,40 @@ def build_plan(
 
     `max_epochs`/`max_batches` cap every stage for dry runs (their keys differ from full runs)."""
     builder = PlanBuilder(spec, source, max_epochs, max_batches)
-    for point in grid_points(spec):
+    points = grid_points(spec)
+    if not points:
+        raise BnewError(f"{source}: exclude: removes every point of the grid (no trials left)")
+    for point in points:
         builder.add_point(point)
     return Plan(spec=spec, stages=builder.stages, max_epochs=max_epochs, max_batches=max_batches)
 
+
+
+def check_sweep(plan: Plan, on_this_machine: bool, yes: bool) -> None:
+    """What a sweep needs beyond a valid spec, checked before Ray or MLflow start: a size confirmed
+    with `yes` over `MAX_TRIALS`, a tracking URI MLflow can use and, if the sweep's driver runs on
+    this machine, a storage folder it can write. Raises a one-line `BnewError` naming the key."""
+    from sweeps.tracking import check_tracking_uri
+
+    trials = len(plan.trial_roles())
+    if trials > MAX_TRIALS and not yes:
+        raise BnewError(f"axes: {trials} trials, more than {MAX_TRIALS}; check the grid with `bnew sweep plan`, "
+                        "then pass --yes to run it")
+    check_tracking_uri(plan.spec.resolved_tracking_uri())
+    if on_this_machine:
+        check_storage_path(plan.spec.resolved_storage_path())
+
+
+def check_storage_path(storage: str) -> None:
+    """A local storage path must be a folder this process can create and write in."""
+    if "://" in storage:  # s3://... : Tune reports its own errors on first use
+        return
+    path = Path(storage)
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise BnewError(f"storage_path: {storage}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryDirectory(dir=existing, prefix=".bnew-write-check-"):
+            pass
+    except OSError as exc:
+        raise BnewError(f"storage_path: {storage} cannot be written ({exc.strerror} in {existing})") from None

@@ -30,7 +30,7 @@ from scipy import stats
 
 from bnew_core.config import BnewError, format_validation_error
 from sweeps.plan import grid_points
-from sweeps.spec import ABLATIONS, ReportSpec, SweepSpec, load_spec, parse_spec, preset_names
+from sweeps.spec import ABLATIONS, PAPER_TABLES_PATH, ReportSpec, SweepSpec, load_spec, parse_spec, preset_names
 
 FORMAT_SUFFIX: dict[str, str] = {"md": "md", "csv": "csv", "latex": "tex"}
 """Report formats and the suffix of their file."""
@@ -43,7 +43,6 @@ REAL_ROW = "real_valued"
 """Row label of the real-valued network (the key tables.json uses for Table 2)."""
 PAPER_DATASET = "cifar100"
 """Every table of the paper is CIFAR-100: paper values are shown beside CIFAR-100 tables only."""
-PAPER_TABLES_PATH = Path(__file__).with_name("paper_tables.json")
 SIGNIFICANCE_LEVEL = 0.05
 NO_COLUMN = "all"
 """Column label of a table whose layout has no column axes."""

@@ -3,6 +3,7 @@ where to run and record them. Validation names the offending key, before anythin
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from bnew_core.callbacks import EPOCH_METRICS
 from bnew_core.config import (
     BmdConfig,
     BnewConfig,
@@ -27,6 +29,8 @@ from bnew_core.config import (
 )
 
 PRESET_DIR = Path(__file__).parent / "presets"
+PAPER_TABLES_PATH = Path(__file__).with_name("paper_tables.json")
+"""The paper's tables (package data copied from shared/paper/tables.json)."""
 
 Method = Literal["ste", "bmd", "bop", "bnew", "real"]
 """A weight-binarisation optimiser, or `real` for the real-valued network (no quantise phase)."""
@@ -122,6 +126,12 @@ class SearchSpace(StrictModel):
         given = [name for name in ("uniform", "loguniform", "randint", "choice") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of uniform, loguniform, randint, choice (got {given or 'none'})")
+        for name in ("uniform", "loguniform", "randint"):
+            bounds = getattr(self, name)
+            if bounds is not None and bounds[0] >= bounds[1]:
+                raise ValueError(f"{name}: the low bound {bounds[0]} must be below the high bound {bounds[1]}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: bounds must be positive, got {self.loguniform[0]}")
         return self
 
     def values(self) -> list[Any]:
@@ -163,14 +173,28 @@ class Axes(StrictModel):
             raise ValueError("budgets are epochs and must be positive")
         return budgets
 
-    @field_validator("params")
+    @field_validator("params", mode="before")
     @classmethod
-    def _known_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+    def _known_params(cls, params: Any) -> Any:
+        """Each axis a non-empty list or a search space, validated here so that an error names
+        the axis once (not once per member of the union)."""
+        if not isinstance(params, dict):
+            return params  # pydantic names the type error
         check_trial_keys(params, "params", nested=False)
+        checked: dict[str, Any] = {}
         for key, values in params.items():
             if isinstance(values, list) and not values:
                 raise ValueError(f"params.{key}: empty axis")
-        return params
+            if isinstance(values, dict):
+                try:
+                    values = SearchSpace.model_validate(values)
+                except ValidationError as exc:
+                    raise ValueError(format_validation_error(exc, f"params.{key}")) from None
+            elif not isinstance(values, list):
+                raise ValueError(f"params.{key}: a list of values or a search space "
+                                 f"({{loguniform: [LOW, HIGH], samples: N}}), not {values!r}")
+            checked[key] = values
+        return checked
 
     def param_values(self) -> dict[str, list[Any]]:
         """Every params axis as a list of concrete values."""
@@ -233,6 +257,21 @@ class ReportSpec(StrictModel):
     baseline: str | None = None
     """Row value to t-test the others against (e.g. baseline)."""
     metric: str = "test_acc_binary"
+
+    @field_validator("paper_table")
+    @classmethod
+    def _known_table(cls, table: str | None) -> str | None:
+        tables = [key for key in json.loads(PAPER_TABLES_PATH.read_text()) if key != "source"]
+        if table is not None and table not in tables:
+            raise ValueError(f"{table!r} is not a table of the paper ({', '.join(tables)})")
+        return table
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        if metric not in EPOCH_METRICS:
+            raise ValueError(f"{metric!r} is not a metric the trainer reports ({', '.join(EPOCH_METRICS)})")
+        return metric
 
 
 class SweepSpec(StrictModel):

@@ -10,9 +10,9 @@ import yaml
 from bnew_core.config import BnewError
 from sweeps.plan import Plan, build_plan
 from sweeps.spec import parse_spec
-from sweeps.tracking import Tracker, stage_state, store_exists
+from sweeps.tracking import RUN_STATUS_TO_STATE, Tracker, stage_state, store_exists
 
-STATES = ("pending", "running", "done", "failed")
+STATES = ("pending", "running", "done", "failed", "interrupted")
 PHASES = ("teacher", "pretrain", "quantise", "real")
 
 
@@ -25,11 +25,21 @@ class TrialScore:
 
 
 @dataclass
+class UnfinishedTrial:
+    """A stage whose latest run failed or was interrupted, and why (`bnew.error`)."""
+
+    name: str
+    state: str
+    error: str
+
+
+@dataclass
 class SweepStatus:
     plan: Plan
     counts: dict[str, dict[str, int]]
     """Phase -> state -> number of stages."""
     best: list[TrialScore]
+    unfinished: list[UnfinishedTrial]
 
 
 def sweep_status(name: str, tracking_uri: str, top: int = 10) -> SweepStatus:
@@ -57,4 +67,10 @@ def sweep_status(name: str, tracking_uri: str, top: int = 10) -> SweepStatus:
         if "test_acc_binary" in run.data.metrics and run.data.tags.get("bnew.stage") in ("quantise", "real")
     ]
     best = sorted(scores, key=lambda score: -score.test_acc_binary)[:top]
-    return SweepStatus(plan=plan, counts=counts, best=best)
+    unfinished = [
+        UnfinishedTrial(run.info.run_name, RUN_STATUS_TO_STATE[run.info.status], run.data.tags.get("bnew.error", ""))
+        for key in plan.stages
+        if stage_state(runs_by_key[key]) in ("failed", "interrupted")
+        for run in runs_by_key[key][:1]  # the newest
+    ]
+    return SweepStatus(plan=plan, counts=counts, best=best, unfinished=unfinished)

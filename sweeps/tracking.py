@@ -21,12 +21,24 @@ MLFLOW_PARENT_TAG = "mlflow.parentRunId"
 REUSED_FROM_TAG = "bnew.reused_from"
 """On a trial run that did not train: the run id of the run that trained its stage."""
 LOCAL_SCHEMES = ("sqlite", "file", "")
-RUN_STATUS_TO_STATE = {"FINISHED": "done", "RUNNING": "running", "SCHEDULED": "running", "FAILED": "failed", "KILLED": "failed"}
+RUN_STATUS_TO_STATE = {"FINISHED": "done", "RUNNING": "running", "SCHEDULED": "running", "FAILED": "failed", "KILLED": "interrupted"}
 
 
 def is_local_uri(uri: str) -> bool:
     """True for stores on this machine's disk (which workers on other machines cannot reach)."""
     return uri.partition(":")[0] in LOCAL_SCHEMES or uri.startswith("/")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Raise a one-line `BnewError` if MLflow has no tracking store for the URI's scheme."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry  # MLflow's own table of schemes
+
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException:
+        schemes = ", ".join(sorted(scheme for scheme in _tracking_store_registry._registry if scheme))
+        raise BnewError(f"tracking_uri: {uri}: not a store MLflow can use (schemes: {schemes})") from None
 
 
 def store_exists(uri: str) -> bool:
@@ -76,12 +88,17 @@ class Tracker:
         else:
             run_id = existing.info.run_id
             self.client.update_run(run_id, status="RUNNING")
+            if "bnew.interrupted" in existing.data.tags:
+                self.client.delete_tag(run_id, "bnew.interrupted")
         self.client.log_text(run_id, spec_yaml, "spec.yaml")
         return run_id
 
-    def finish_sweep_run(self, run_id: str, failed: int) -> None:
+    def finish_sweep_run(self, run_id: str, failed: int, interrupted: str | None = None) -> None:
+        """Close the parent run: KILLED if a signal stopped the sweep (tag `bnew.interrupted`)."""
         self.client.set_tag(run_id, "bnew.failed_trials", str(failed))
-        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+        if interrupted:
+            self.client.set_tag(run_id, "bnew.interrupted", interrupted)
+        self.client.set_terminated(run_id, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
 
     def sweep_spec_yaml(self, experiment_id: str) -> str:
         run = self.sweep_run(experiment_id)
@@ -197,9 +214,19 @@ class Tracker:
         self.client.log_artifact(run_id, str(output_dir / "checkpoint.pt"), "checkpoint")
         self.client.set_terminated(run_id, "FINISHED")
 
-    def fail_trial(self, run_id: str, message: str) -> None:
+    def fail_trial(self, run_id: str, message: str, killed: bool = False) -> None:
+        """FAILED with the reason in `bnew.error`; KILLED if it was stopped from outside."""
         self.client.set_tag(run_id, "bnew.error", message.splitlines()[0][:4000] if message else "failed")
-        self.client.set_terminated(run_id, "FAILED")
+        self.client.set_terminated(run_id, "KILLED" if killed else "FAILED")
+
+    def kill_running_trials(self, experiment_id: str, runs_by_key: dict[str, list[Run]], reason: str) -> None:
+        """Mark the experiment's trial runs still RUNNING as KILLED, with `reason` in `bnew.error`
+        (for a driver whose trials Tune has all ended: none of them runs any more). Those a stop
+        already marked KILLED get the reason too."""
+        for runs in runs_by_key.values():
+            for run in runs:
+                if run.info.experiment_id == experiment_id and run.info.status in ("RUNNING", "SCHEDULED", "KILLED"):
+                    self.fail_trial(run.info.run_id, reason, killed=True)
 
     def link_role(self, source: Run, experiment_id: str, parent_run_id: str, sweep: str, stage: Stage, role: Role) -> str:
         """A trial run for `role` whose stage was trained by `source` (another sweep, or another
@@ -237,9 +264,9 @@ class Tracker:
 
 
 def stage_state(runs: list[Run]) -> str:
-    """pending | running | done | failed, from a stage's runs (a finished one anywhere wins)."""
+    """pending | running | done | interrupted | failed, from a stage's runs (a finished one anywhere wins)."""
     states = {RUN_STATUS_TO_STATE.get(run.info.status, "failed") for run in runs}
-    for state in ("done", "running", "failed"):
+    for state in ("done", "running", "interrupted", "failed"):
         if state in states:
             return state
     return "pending"
