@@ -162,6 +162,8 @@ class TrialConfig(StrictModel):
     """Where checkpoint.pt, model.pt, metrics.jsonl and config.yaml are written."""
     checkpoint_every: int = Field(1, gt=0)
     """Write a resumable checkpoint every N epochs (and always after the last)."""
+    checkpoint_minutes: float | None = Field(None, gt=0)
+    """Also write one when this many minutes have passed since the last (whichever comes first)."""
     max_batches: int | None = Field(None, gt=0)
     """Debug cap on training batches per epoch."""
     eval_batch_size: int = Field(1000, gt=0)

@@ -65,6 +65,15 @@ def should_compile(config: TrialConfig, steps: int, device: torch.device) -> boo
     return device.type == "cpu" and any(shutil.which(name) for name in ("g++", "c++", "clang++"))
 
 
+def checkpoint_due(config: TrialConfig, epoch: int, last_checkpoint: float) -> bool:
+    """After the last epoch, every `checkpoint_every` epochs, or once `checkpoint_minutes` have
+    passed since `last_checkpoint` (a `time.monotonic()` value), whichever comes first."""
+    if epoch + 1 == config.epochs or (epoch + 1) % config.checkpoint_every == 0:
+        return True
+    minutes = config.checkpoint_minutes
+    return minutes is not None and time.monotonic() - last_checkpoint >= minutes * 60
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -152,6 +161,7 @@ def train(config: TrialConfig, callbacks: Sequence[Callback] = (), resume_from: 
     for callback in callbacks:
         callback.on_train_start(config, start_epoch, len(loader))
 
+    last_checkpoint = time.monotonic()
     for epoch in range(start_epoch, config.epochs):
         method.start_epoch(epoch)
         model.train()
@@ -207,7 +217,8 @@ def train(config: TrialConfig, callbacks: Sequence[Callback] = (), resume_from: 
             handle.write(json.dumps(metrics) + "\n")
 
         written = None
-        if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+        if checkpoint_due(config, epoch, last_checkpoint):
+            last_checkpoint = time.monotonic()
             written = save_atomic({
                 "format": CHECKPOINT_FORMAT,
                 "config": config.model_dump(mode="json"),

@@ -3,8 +3,9 @@
 One Tuner runs the whole sweep. Its search algorithm, `StageScheduler`, suggests a stage as a
 Tune trial as soon as the stages it takes models from are done, so there is no barrier between
 levels and Tune's own concurrency limits, resources and `FailureConfig` retries apply. Each
-trial reports every epoch to Tune with the trainer's checkpoint, so a retry (or `bnew sweep
-resume`, through `Tuner.restore`) continues from the last epoch, and records itself in MLflow.
+trial reports every epoch to Tune, with the trainer's checkpoint on the epochs it writes one
+(the spec's `checkpoint` interval), so a retry (or `bnew sweep resume`, through `Tuner.restore`)
+continues from the last checkpoint, and records itself in MLflow.
 """
 
 from __future__ import annotations
@@ -184,17 +185,20 @@ def tune_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     stage, context = Stage.from_dict(config["stage"]), SweepContext(**config["sweep"])
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    resume_from, corrupt = None, []
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        resume_from, corrupt = restore_checkpoint(checkpoint, trial_dir / "restored")
-    tags = {CHECKPOINT_CORRUPT_TAG: "; ".join(corrupt)[:4000]} if corrupt else {}
-    reporter = TuneReporter(stage.name, first_attempt=checkpoint is None)
-    try:
-        execute_stage(stage, context, trial_dir, resume_from, [reporter], tags)
-    except BnewError as exc:  # recorded FAILED by execute_stage; a retry would fail the same way
-        tune.report({STAGE_FAILED: True, "bnew_error": str(exc)})
+    # Not Tune's trial dir: on the driver's node that folder is synced to the storage while the
+    # trainer renames its files in it. What must outlive the attempt goes to Tune's checkpoint
+    # and to MLflow.
+    with tempfile.TemporaryDirectory(prefix="bnew-trial-") as work_dir:
+        resume_from, corrupt = None, []
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            resume_from, corrupt = restore_checkpoint(checkpoint, Path(work_dir) / "restored")
+        tags = {CHECKPOINT_CORRUPT_TAG: "; ".join(corrupt)[:4000]} if corrupt else {}
+        reporter = TuneReporter(stage.name, first_attempt=checkpoint is None)
+        try:
+            execute_stage(stage, context, Path(work_dir), resume_from, [reporter], tags)
+        except BnewError as exc:  # recorded FAILED by execute_stage; a retry would fail the same way
+            tune.report({STAGE_FAILED: True, "bnew_error": str(exc)})
 
 
 def restore_checkpoint(checkpoint: Any, destination: Path) -> tuple[Path | None, list[str]]:
@@ -303,8 +307,6 @@ def start_ray(address: str | None, local: bool, log: Log) -> None:
 
     if ray.is_initialized():
         return
-    # Checkpoints are kept two per trial, so Tune snapshots often; that is expected here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if local:
         ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     else:
@@ -370,7 +372,7 @@ def open_sweep(spec: SweepSpec, plan: Plan, log: Log) -> tuple[Tracker, SweepCon
     for tag, value in plan.caps_tags().items():
         tracker.client.set_tag(parent_run_id, tag, value)
     context = SweepContext(spec.name, tracker.uri, experiment_id, parent_run_id)
-    runs_by_key = tracker.stage_runs(list(plan.stages))
+    runs_by_key = tracker.stage_runs(list(plan.stages), tracker.trial_runs(experiment_id))
     finished = tracker.finished_stages(list(plan.stages), runs_by_key)
     for key in finished:
         tracker.link_missing_roles(experiment_id, parent_run_id, spec.name, plan.stages[key], runs_by_key[key])
@@ -425,7 +427,7 @@ def finish(tracker: Tracker, context: SweepContext, outcome: SweepOutcome, pendi
 
     Tune has ended every trial by now, so a run still RUNNING belongs to a trial stopped from
     outside (the sweep interrupted, or its process lost for good): it is marked KILLED."""
-    runs_by_key = tracker.stage_runs([stage.key for stage in pending])
+    runs_by_key = tracker.stage_runs([stage.key for stage in pending], tracker.trial_runs(context.experiment_id))
     reason = (f"interrupted ({outcome.interrupted})" if outcome.interrupted
               else "its process ended without recording the end of the run")
     tracker.kill_running_trials(context.experiment_id, runs_by_key, f"{reason}; `bnew sweep resume` continues it")

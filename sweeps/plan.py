@@ -31,7 +31,7 @@ FINAL_PHASES = ("quantise", "real")
 RUN_SPECIFIC_FIELDS = ("name", "output_dir", "teacher_checkpoint", "init_checkpoint")
 """Set when a stage runs, not part of its stored config."""
 KEY_EXCLUDED_FIELDS = {
-    "device", "checkpoint_every", "eval_batch_size", "channels_last", "compile",
+    "device", "checkpoint_every", "checkpoint_minutes", "eval_batch_size", "channels_last", "compile",
     "data.root", "data.download",
 }
 """Fields that change where or how fast a stage runs, not what it learns: left out of the key."""
@@ -214,7 +214,7 @@ class PlanBuilder:
             self.spec.base,
             getattr(self.spec.phases, phase),
             {"data": {**self.spec.datasets.get(dataset, {}), "name": dataset}},
-            {"phase": phase, "seed": point["seed"]},
+            {"phase": phase, "seed": point["seed"], **self.spec.checkpoint.trainer_fields()},
             *layers,
         )
         if self.max_epochs is not None:

@@ -60,6 +60,7 @@ AXIS_OWNED_FIELDS = {
     "seed": "axes.seed", "epochs": "axes.budget (quantise) or phases.<phase>.epochs",
     "distillation": "axes.distillation", "teacher_checkpoint": "the planner",
     "init_checkpoint": "the planner", "output_dir": "the sweep runner",
+    "checkpoint_every": "checkpoint.every_epochs", "checkpoint_minutes": "checkpoint.every_minutes",
 }
 """TrialConfig fields a sweep sets itself: giving them in base/phases/params is an error."""
 OPTIMISER_MODELS = {"ste": SteConfig, "bmd": BmdConfig, "bop": BopConfig, "bnew": BnewConfig}
@@ -245,6 +246,21 @@ class Resources(StrictModel):
     """Fractions share a GPU between trials (e.g. 0.25: four trials per GPU)."""
 
 
+class CheckpointSettings(StrictModel):
+    """How often a trial writes the resumable checkpoint that Tune keeps and a retry resumes from:
+    every `every_epochs` epochs or `every_minutes` minutes, whichever comes first, and always
+    after the last epoch. Each one costs a write and a copy into Tune's storage, and Tune saves
+    its experiment state after every second checkpoint of a trial (`num_to_keep=2`), so the
+    defaults suit long trials: a failure redoes at most 10 epochs or 15 minutes."""
+
+    every_epochs: int = Field(10, gt=0)
+    every_minutes: float = Field(15.0, gt=0)
+
+    def trainer_fields(self) -> dict[str, Any]:
+        """The TrialConfig fields that carry the setting to the trainer."""
+        return {"checkpoint_every": self.every_epochs, "checkpoint_minutes": self.every_minutes}
+
+
 class ReportSpec(StrictModel):
     """How `bnew sweep report` lays the results out."""
 
@@ -299,6 +315,7 @@ class SweepSpec(StrictModel):
     """Most trials at once; default as many as the resources fit."""
     max_failures: int = Field(2, ge=0)
     """Retries of a failed trial, each from its last checkpoint."""
+    checkpoint: CheckpointSettings = CheckpointSettings()
     storage_path: str | None = None
     """Tune storage (checkpoints, experiment state): a shared path or URI (s3://...) on a cluster.
     Default `.bnew/ray_results` in the project directory."""

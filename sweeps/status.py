@@ -1,5 +1,6 @@
 """Progress of a sweep, read from MLflow only: the spec stored on the parent run is planned
-again and every stage's key looked up (a stage finished by another sweep counts as done)."""
+again, the sweep's trial runs are read in one scan, and each stage not finished there is looked
+up by its key (a stage finished by another sweep counts as done)."""
 
 from __future__ import annotations
 
@@ -56,14 +57,15 @@ def sweep_status(name: str, tracking_uri: str, top: int = 10) -> SweepStatus:
     caps = {key: int(parent.data.tags[f"bnew.{key}"]) if parent.data.tags.get(f"bnew.{key}") else None
             for key in ("max_epochs", "max_batches")}
     plan = build_plan(spec, f"{name}/spec.yaml", **caps)
-    runs_by_key = tracker.stage_runs(list(plan.stages))
+    sweep_runs = tracker.trial_runs(experiment_id)
+    runs_by_key = tracker.stage_runs(list(plan.stages), sweep_runs)
     counts = {phase: dict.fromkeys(STATES, 0) for phase in PHASES if plan.of_phase(phase)}
     for key, stage in plan.stages.items():
         counts[stage.phase][stage_state(runs_by_key[key])] += 1
     scores = [
         TrialScore(run.info.run_name, run.info.status, run.data.metrics["test_acc_binary"],
                    int(run.data.metrics.get("epoch", -1)))
-        for run in tracker.trial_runs(experiment_id)
+        for run in sweep_runs
         if "test_acc_binary" in run.data.metrics and run.data.tags.get("bnew.stage") in ("quantise", "real")
     ]
     best = sorted(scores, key=lambda score: -score.test_acc_binary)[:top]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run
@@ -108,54 +108,61 @@ class Tracker:
         return Path(path).read_text()
 
     # --- stage lookup --------------------------------------------------------------------
-    def stage_runs(self, keys: list[str], experiment_ids: list[str] | None = None) -> dict[str, list[Run]]:
-        """Trial runs per stage key (any experiment by default), newest first."""
-        if experiment_ids is None:
-            experiment_ids = [e.experiment_id for e in self.client.search_experiments()]
-        found: dict[str, list[Run]] = {key: [] for key in keys}
-        if not experiment_ids:
-            return found
-        # MLflow filters take no IN for tags: one key by equality, many by scanning trial runs.
-        filter_string = (
-            f"tags.`bnew.stage_key` = {quote(keys[0])}" if len(keys) == 1 else "tags.`bnew.role` = 'trial'"
-        )
+    # MLflow filters have no OR or IN for tags, so keys are looked up one by one with an equality
+    # filter on `bnew.stage_key`; what the sweep's own experiment holds is read in one scan first.
+    # Each lookup returns only that key's runs, so the cost is linear in the keys looked up, never
+    # a scan of the whole store per trial.
+    def search_all(self, experiment_ids: list[str], filter_string: str) -> list[Run]:
+        """Every run matching `filter_string`, newest first, page by page."""
+        runs: list[Run] = []
         page_token = None
         while True:
             page = self.client.search_runs(
                 experiment_ids, filter_string=filter_string, order_by=["attributes.start_time DESC"],
                 max_results=1000, page_token=page_token,
             )
-            for run in page:
-                key = run.data.tags.get("bnew.stage_key")
-                if key in found:
-                    found[key].append(run)
+            runs.extend(page)
             page_token = page.token
             if not page_token:
-                break
-        return found
-        for start in range(0, len(keys), 50):  # keep filter strings short
-            chunk = ", ".join(quote(key) for key in keys[start : start + 50])
-            page_token = None
-            while True:
-                page = self.client.search_runs(
-                    experiment_ids,
-                    filter_string=f"tags.`bnew.stage_key` IN ({chunk})",
-                    order_by=["attributes.start_time DESC"],
-                    max_results=1000,
-                    page_token=page_token,
-                )
-                for run in page:
-                    found[run.data.tags["bnew.stage_key"]].append(run)
-                page_token = page.token
-                if not page_token:
-                    break
+                return runs
+
+    def all_experiment_ids(self) -> list[str]:
+        """Every active experiment, page by page."""
+        ids: list[str] = []
+        page_token = None
+        while True:
+            page = self.client.search_experiments(max_results=1000, page_token=page_token)
+            ids.extend(experiment.experiment_id for experiment in page)
+            page_token = page.token
+            if not page_token:
+                return ids
+
+    def runs_of_stage(self, key: str, experiment_ids: list[str]) -> list[Run]:
+        """Trial runs of stage `key` in `experiment_ids`, newest first: one lookup."""
+        return self.search_all(experiment_ids, f"tags.`bnew.stage_key` = {quote(key)}")
+
+    def stage_runs(self, keys: list[str], sweep_runs: Sequence[Run] = ()) -> dict[str, list[Run]]:
+        """Trial runs per stage key, in any experiment, newest first.
+
+        `sweep_runs`: the trial runs of the sweep's own experiment (`trial_runs`), if the caller
+        has read them; a key with a trained FINISHED run among them needs no other lookup. Every
+        other key costs one lookup across all experiments."""
+        found: dict[str, list[Run]] = {key: [] for key in keys}
+        for run in sweep_runs:
+            key = run.data.tags.get("bnew.stage_key")
+            if key in found:
+                found[key].append(run)
+        missing = [key for key in keys if not trained_runs(found[key])]
+        experiment_ids = self.all_experiment_ids() if missing else []
+        for key in missing:
+            found[key] = self.runs_of_stage(key, experiment_ids)
         return found
 
     def finished_stages(self, keys: list[str], runs_by_key: dict[str, list[Run]] | None = None) -> dict[str, Run]:
         """Stage key -> the FINISHED run that trained it, in any experiment."""
         finished: dict[str, Run] = {}
         for key, runs in (runs_by_key or self.stage_runs(keys)).items():
-            trained = [r for r in runs if r.info.status == "FINISHED" and REUSED_FROM_TAG not in r.data.tags]
+            trained = trained_runs(runs)
             if trained:
                 finished[key] = trained[0]
         return finished
@@ -171,7 +178,7 @@ class Tracker:
     # --- trial runs ----------------------------------------------------------------------
     def open_trial_run(self, experiment_id: str, parent_run_id: str, sweep: str, stage: Stage, role: Role) -> str:
         """The trial's run: a retry or a rerun of the sweep continues the unfinished one."""
-        for run in self.stage_runs([stage.key], [experiment_id])[stage.key]:
+        for run in self.runs_of_stage(stage.key, [experiment_id]):
             same_role = run.info.run_name == role.name and REUSED_FROM_TAG not in run.data.tags
             if same_role and run.info.status != "FINISHED":
                 self.client.update_run(run.info.run_id, status="RUNNING")
@@ -251,7 +258,7 @@ class Tracker:
 
         `runs`: the stage's runs in every experiment, if the caller has them already."""
         runs = self.stage_runs([stage.key])[stage.key] if runs is None else runs
-        trained = [r for r in runs if r.info.status == "FINISHED" and REUSED_FROM_TAG not in r.data.tags]
+        trained = trained_runs(runs)
         if not trained:
             return
         present = {r.info.run_name for r in runs if r.info.experiment_id == experiment_id and r.info.status == "FINISHED"}
@@ -260,7 +267,13 @@ class Tracker:
                 self.link_role(trained[0], experiment_id, parent_run_id, sweep, stage, role)
 
     def trial_runs(self, experiment_id: str) -> list[Run]:
-        return list(self.client.search_runs([experiment_id], filter_string="tags.`bnew.role` = 'trial'", max_results=50000))
+        """Every trial run of one experiment (a sweep), newest first."""
+        return self.search_all([experiment_id], "tags.`bnew.role` = 'trial'")
+
+
+def trained_runs(runs: list[Run]) -> list[Run]:
+    """The FINISHED runs that trained their stage (not linked to another run)."""
+    return [run for run in runs if run.info.status == "FINISHED" and REUSED_FROM_TAG not in run.data.tags]
 
 
 def stage_state(runs: list[Run]) -> str:

@@ -89,6 +89,7 @@ def write_spec(directory: Path, name: str, max_failures: int) -> Path:
         "phases": {"pretrain": {"epochs": 2}},
         "optimisers": {"bnew": {"lambda_rate": 5.0, "freeze_epochs": 1}},
         "max_failures": max_failures,
+        "checkpoint": {"every_epochs": 1},  # resumed from the epoch the fault hits
     }
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
