@@ -29,6 +29,7 @@ def write_spec(directory: Path, name: str, budget: int, lrs: list[float], **extr
                  "budget": [budget], "params": {"lr": lrs}},
         "base": {"batch_size": 64, "device": "cpu"},
         "max_failures": 2,
+        "checkpoint": {"every_epochs": 1},  # faults hit mid-trial: resume from the epoch before
         **extra,
     }
     path = directory / f"{name}.yaml"
