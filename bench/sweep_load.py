@@ -107,18 +107,24 @@ def load_spec(name: str, trials: int, epochs: int, every_epochs: int | None) -> 
 
 
 def trainer_seconds(spec: dict[str, Any], repeats: int = 3) -> float:
-    """Median time of the trainer alone (`train()`, no callbacks) on the spec's first stage."""
+    """Median time of the trainer alone (`train()`, no callbacks) on the spec's first stage, on
+    one thread: Ray runs a 1-CPU trial with OMP_NUM_THREADS=1."""
+    import torch
+
     from bnew_core.train import train
     from sweeps.plan import build_plan
     from sweeps.spec import parse_spec
 
     stage = next(iter(build_plan(parse_spec(spec, "load")).stages.values()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(spec["resources"]["cpu"]))
     times = []
     with tempfile.TemporaryDirectory() as directory:
         for _ in range(repeats):
             started = time.perf_counter()
             train(stage.trial_config(Path(directory), {}))
             times.append(time.perf_counter() - started)
+    torch.set_num_threads(threads)
     return statistics.median(times)
 
 
