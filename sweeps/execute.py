@@ -350,6 +350,9 @@ def tune_run_config(spec: SweepSpec, name: str) -> Any:
         name=name,
         storage_path=tune_storage(spec),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        # Tune snapshots its experiment state every TUNE_GLOBAL_CHECKPOINT_S ("auto": at least
+        # 10 s apart, about 5% of the driver's time) and forces one when a trial has registered
+        # num_to_keep checkpoints since the last: rare at the spec's checkpoint interval.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         verbose=1,
     )
