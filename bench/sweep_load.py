@@ -23,6 +23,7 @@ checkpoint costs. `--code DIR` runs another checkout's `sweeps` (e.g. an older c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import socket
@@ -35,6 +36,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import yaml
 
@@ -59,6 +61,8 @@ class LoopbackCluster:
             **os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(code),
             "WORKERS": str(workers), "CPUS_PER_NODE": "1", "MLFLOW_BACKEND": backend,
             "RAY_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()), "PG_PORT": str(free_port()),
+            # MLflow 3's GenAI job runners (~1 GB), which no sweep uses.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
         }
         self.env: dict[str, str] = {}
 
@@ -84,6 +88,10 @@ class LoopbackCluster:
     @property
     def tracking_uri(self) -> str:
         return self.env["MLFLOW_TRACKING_URI"]
+
+    def as_client(self) -> contextlib.AbstractContextManager:
+        """This process's environment with the MLflow URI and any credentials the cluster printed."""
+        return mock.patch.dict(os.environ, {k: v for k, v in self.env.items() if k.startswith("MLFLOW_TRACKING_")})
 
     @property
     def access_log(self) -> Path:
@@ -223,7 +231,8 @@ def measure(cluster: LoopbackCluster, work: Path, label: str, trials: int, epoch
     sweep = run_sweep(cluster, spec, work / label)
     if sweep.returncode != 0:
         raise RuntimeError(f"{label}: bnew sweep run exited {sweep.returncode}:\n{sweep.output[-3000:]}")
-    records = read_records(cluster.tracking_uri, spec["name"], epochs)
+    with cluster.as_client():
+        records = read_records(cluster.tracking_uri, spec["name"], epochs)
     problems = [f"{len(records.runs_per_key)} stage keys recorded, {trials} planned"] if len(records.runs_per_key) != trials else []
     problems += [f"stage {key}: {count} runs" for key, count in records.runs_per_key.items() if count != 1]
     problems += records.bad_steps + [f"{name}: not FINISHED" for name in records.unfinished]

@@ -46,7 +46,8 @@ def test_every_trial_recorded_once_and_requests_per_trial_do_not_grow(tmp_path: 
             sweep = run_sweep(cluster, spec, tmp_path / str(trials))
             assert sweep.returncode == 0, sweep.output[-3000:]
             assert "ERROR" not in sweep.output and "Traceback" not in sweep.output, sweep.output[-3000:]
-            records = read_records(cluster.tracking_uri, spec["name"], EPOCHS)
+            with cluster.as_client():
+                records = read_records(cluster.tracking_uri, spec["name"], EPOCHS)
             assert len(records.runs_per_key) == trials and set(records.runs_per_key.values()) == {1}
             assert records.bad_steps == [] and records.unfinished == []
             per_trial[trials] = sum(sweep.requests.values()) / trials
