@@ -5,12 +5,16 @@ affected, epochs redone, metrics lost, time to recover): run with `-s` to see th
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,18 +23,20 @@ import yaml
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
 
 
-def write_spec(directory: Path, name: str, budget: int, lrs: list[float], **extra: Any) -> Path:
-    """STE trials straight from scratch (no prerequisite stages), one per lr."""
+def write_spec(directory: Path, name: str, budget: int, lrs: list[float], pretrain: bool = False) -> Path:
+    """STE trials, one per lr, from a 1-epoch pretrained model or (by default) from scratch."""
     spec = {
         "name": name,
-        "axes": {"dataset": ["digits"], "optimiser": ["ste"], "ablation": ["no_pretrain"], "seed": [0],
-                 "budget": [budget], "params": {"lr": lrs}},
+        "axes": {"dataset": ["digits"], "optimiser": ["ste"], "ablation": ["baseline" if pretrain else "no_pretrain"],
+                 "seed": [0], "budget": [budget], "params": {"lr": lrs}},
         "base": {"batch_size": 64, "device": "cpu"},
+        "phases": {"pretrain": {"epochs": 1}},
         "max_failures": 2,
         "checkpoint": {"every_epochs": 1},  # faults hit mid-trial: resume from the epoch before
-        **extra,
     }
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -38,8 +44,10 @@ def write_spec(directory: Path, name: str, budget: int, lrs: list[float], **extr
 
 
 def sweep_env(**extra: str) -> dict[str, str]:
+    """This environment without sweep settings; a Ray started with `--local` gets its own short
+    temp folder (Ray's socket paths must stay short; other Rays on the machine keep theirs)."""
     env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, **extra}
+    return {**env, "RAY_TMPDIR": tempfile.mkdtemp(prefix="bnew-ray-", dir="/tmp"), **extra}
 
 
 def bnew(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -47,21 +55,33 @@ def bnew(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess
                           capture_output=True, text=True, timeout=600)
 
 
-def start_bnew(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args], cwd=cwd, env=env or sweep_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class Driver:
+    """`bnew ...` running in the background, its output in files (a full pipe would block it)."""
 
+    def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None):
+        self.out, self.err = cwd / "driver.out", cwd / "driver.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.process = subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args], cwd=cwd,
+                                            env=env or sweep_env(), stdout=out, stderr=err, text=True)
 
-def wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            out, err = process.communicate()
-            pytest.fail(f"the sweep ended before {what}: {out[-2000:]} {err[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.5)
+    def output(self) -> tuple[str, str]:
+        return self.out.read_text(), self.err.read_text()
+
+    def wait(self, timeout: float) -> tuple[str, str]:
+        self.process.wait(timeout)
+        return self.output()
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                out, err = self.output()
+                pytest.fail(f"the sweep ended before {what}: {out[-2000:]} {err[-3000:]}")
+            if time.monotonic() > deadline:
+                self.process.kill()
+                out, err = self.wait(60)
+                pytest.fail(f"timed out waiting for {what}: {out[-2000:]} {err[-3000:]}")
+            time.sleep(0.5)
 
 
 class Sweep:
@@ -91,6 +111,9 @@ class Sweep:
         runs = [run for run in self.runs() if float(run.data.params.get("lr", "nan")) == lr]
         return runs[0].info.status if runs else None
 
+    def phase_runs(self, phase: str) -> list:
+        return [run for run in self.runs() if run.data.tags["bnew.stage"] == phase]
+
 
 def tune_failures(storage: Path) -> dict[str, int]:
     """Trial name -> how often Tune retried it, over the sweep's Tune experiments."""
@@ -116,14 +139,14 @@ def test_sigint_stops_the_sweep_and_a_diverging_trial_fails_at_once(tmp_path: Pa
     spec = write_spec(tmp_path, "sigint", budget, [good_lr, bad_lr])
     sweep = Sweep(f"sqlite:///{tmp_path / '.bnew' / 'mlflow.db'}", "sigint")
     run_args = ("sweep", "run", str(spec), "--local", "--max-batches", "2")
-    driver = start_bnew(*run_args, cwd=tmp_path)
-    wait_for(lambda: sweep.logged_epochs(good_lr) >= 2 and sweep.status(bad_lr) == "FAILED",
-             driver, "two epochs of the good trial and the failure of the diverging one")
+    driver = Driver(*run_args, cwd=tmp_path)
+    driver.wait_for(lambda: sweep.logged_epochs(good_lr) >= 2 and sweep.status(bad_lr) == "FAILED",
+                    "two epochs of the good trial and the failure of the diverging one")
     sent = time.monotonic()
-    driver.send_signal(signal.SIGINT)
-    out, err = driver.communicate(timeout=120)
+    driver.process.send_signal(signal.SIGINT)
+    out, err = driver.wait(timeout=120)
     stop_s = time.monotonic() - sent
-    assert driver.returncode == 130, out[-2000:] + err[-3000:]
+    assert driver.process.returncode == 130, out[-2000:] + err[-3000:]
     assert stop_s < 30, f"took {stop_s:.0f} s to stop"
     assert "interrupted by SIGINT" in err and "Traceback" not in out + err
 
@@ -160,3 +183,140 @@ def test_sigint_stops_the_sweep_and_a_diverging_trial_fails_at_once(tmp_path: Pa
            "kill -INT <driver>; bnew sweep resume SPEC --local --max-batches 2")
     report("diverging trial (lr 1e6)", 1, 0, 0, 0.0, "axes.params.lr: [0.01, 1e6]")
     print(f"(stopped {stop_s:.1f} s after SIGINT; resume took {resume_s:.1f} s)")
+
+
+# --- on a loopback cluster: a Ray head, two worker nodes, an MLflow server ---------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    state: Path
+    env: dict[str, str]
+
+    def sweep_env(self, project: Path) -> dict[str, str]:
+        project.mkdir(exist_ok=True)
+        return {**self.env, "BNEW_PROJECT_DIR": str(project), "BNEW_STORAGE_PATH": str(project / "storage")}
+
+    def processes(self) -> dict[int, tuple[int, str]]:
+        """pid -> (parent pid, command line) of every process on the machine."""
+        table = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+        rows = (line.split(None, 2) for line in table.splitlines())
+        return {int(row[0]): (int(row[1]), row[2] if len(row) > 2 else "") for row in rows}
+
+    def worker_node_with_trial(self) -> list[int]:
+        """The raylet of a worker node running a trial, and every process below it."""
+        processes = self.processes()
+        ray_tmpdir = (self.state / "ray_tmpdir").read_text().strip()
+
+        def below(pid: int) -> list[int]:
+            children = [child for child, (parent, _) in processes.items() if parent == pid]
+            return children + [grandchild for child in children for grandchild in below(child)]
+
+        for pid, (_, args) in processes.items():
+            if "/raylet" in args.split(" ", 1)[0] and ray_tmpdir in args:
+                node = below(pid)
+                if any(processes[child][1].startswith("ray::ImplicitFunc") for child in node):
+                    return [pid, *node]
+        return []
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    state = tmp_path_factory.mktemp("cluster")
+    env = {**sweep_env(), "PATH": f"{BIN}:{os.environ['PATH']}", "WORKERS": "2", "CPUS_PER_NODE": "1",
+           **{name: str(free_port()) for name in ("RAY_PORT", "DASHBOARD_PORT", "RAY_CLIENT_PORT", "MLFLOW_PORT")}}
+    started = subprocess.run(["bash", str(REPO / "cluster" / "start_local.sh"), str(state)], env=env,
+                             capture_output=True, text=True, timeout=300)
+    try:
+        assert started.returncode == 0, started.stderr
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines())
+        with pytest.MonkeyPatch.context() as patch:  # this process reads MLflow's server too
+            for name, value in exports.items():
+                if name.startswith("MLFLOW_"):
+                    patch.setenv(name, value)
+            yield Cluster(state, {**env, **exports})
+    finally:
+        subprocess.run(["bash", str(REPO / "cluster" / "stop_local.sh"), str(state)], env=env, timeout=120)
+
+
+def test_killed_driver_resumes_and_a_corrupted_checkpoint_falls_back(cluster: Cluster, tmp_path: Path) -> None:
+    """(b) the driver SIGKILLed mid-sweep, then (e) the newest checkpoint of a trial truncated."""
+    import torch
+
+    budget, lrs = 8, [0.01, 0.02]
+    env = cluster.sweep_env(tmp_path / "project")
+    spec = write_spec(tmp_path, "killed-driver", budget, lrs, pretrain=True)
+    sweep = Sweep(env["MLFLOW_TRACKING_URI"], "killed-driver")
+    run_args = ("sweep", "run", str(spec), "--max-batches", "2")
+    driver = Driver(*run_args, cwd=tmp_path, env=env)
+    driver.wait_for(lambda: max(sweep.logged_epochs(lr) for lr in lrs) >= 3, "three epochs of a trial")
+    driver.process.kill()
+    driver.wait(60)
+    time.sleep(5)  # the cluster ends the dead driver's trials
+    (pretrain,) = sweep.phase_runs("pretrain")
+    (parent,) = sweep.runs("sweep")
+    before = {run.info.run_id: len(sweep.steps(run.info.run_id)) for run in sweep.phase_runs("quantise")}
+
+    # Truncate the newest checkpoint of the most advanced trial: the resume must take the one before.
+    trial_dirs = glob.glob(str(Path(env["BNEW_STORAGE_PATH"]) / "killed-driver" / "*" / "killed-driver_ste_*"))
+    kept = max((sorted(glob.glob(f"{trial}/checkpoint_*")) for trial in trial_dirs), key=len)
+    assert len(kept) >= 2, kept  # CheckpointConfig(num_to_keep=2)
+    newest = Path(kept[-1]) / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    good_epoch = torch.load(Path(kept[-2]) / "checkpoint.pt", weights_only=True)["epoch"]
+
+    started = time.monotonic()
+    resumed = bnew("sweep", "resume", *run_args[2:], cwd=tmp_path, env=env)
+    resume_s = time.monotonic() - started
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert [run.info.run_id for run in sweep.runs("sweep")] == [parent.info.run_id]
+    assert sweep.runs("sweep")[0].info.status == "FINISHED"
+    (pretrain_after,) = sweep.phase_runs("pretrain")  # finished stage: not run again
+    assert pretrain_after.info.run_id == pretrain.info.run_id and pretrain_after.info.end_time == pretrain.info.end_time
+    trials = sweep.phase_runs("quantise")
+    assert {run.info.run_id for run in trials} == set(before)  # each trial continued its own run
+    redone = 0
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        assert sweep.steps(run.info.run_id) == list(range(budget))  # each epoch once, none lost
+        resumed_from = int(run.data.tags.get("bnew.resumed_from_epoch", 0))
+        redone += before[run.info.run_id] - resumed_from
+    (corrupted,) = [run for run in trials if "bnew.checkpoint_corrupt" in run.data.tags]
+    assert "does not match its checksum" in corrupted.data.tags["bnew.checkpoint_corrupt"]
+    assert int(corrupted.data.tags["bnew.resumed_from_epoch"]) == good_epoch + 1
+    report("driver SIGKILLed mid-sweep (+ newest checkpoint of one trial truncated)", len(before), redone, 0,
+           resume_s, "kill -9 <driver>; bnew sweep resume SPEC --max-batches 2 (RAY_ADDRESS: loopback cluster)")
+
+
+def test_a_lost_worker_node_costs_no_metrics(cluster: Cluster, tmp_path: Path) -> None:
+    """(a) a worker node's raylet and its trial processes SIGKILLed mid-sweep."""
+    budget, lrs = 10, [0.01, 0.02]
+    env = cluster.sweep_env(tmp_path / "project")
+    spec = write_spec(tmp_path, "lost-node", budget, lrs)
+    sweep = Sweep(env["MLFLOW_TRACKING_URI"], "lost-node")
+    driver = Driver("sweep", "run", str(spec), "--max-batches", "2", cwd=tmp_path, env=env)
+    driver.wait_for(lambda: min(sweep.logged_epochs(lr) for lr in lrs) >= 2, "two epochs of both trials")
+    node = cluster.worker_node_with_trial()
+    assert node, "no worker node runs a trial"
+    at_kill = {run.info.run_id: len(sweep.steps(run.info.run_id)) for run in sweep.runs()}
+    killed = time.monotonic()
+    for pid in node:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    out, err = driver.wait(timeout=600)
+    finish_s = time.monotonic() - killed
+    assert driver.process.returncode == 0, out[-2000:] + err[-3000:]
+    trials = sweep.runs()
+    assert len(trials) == len(lrs) and len({run.data.tags["bnew.stage_key"] for run in trials}) == len(lrs)
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        assert sweep.steps(run.info.run_id) == list(range(budget))  # each epoch once, none lost
+    (affected,) = [run for run in trials if "bnew.resumed_from_epoch" in run.data.tags]
+    resumed_from = int(affected.data.tags["bnew.resumed_from_epoch"])
+    assert resumed_from >= 1  # from its checkpoint, not from scratch
+    report("worker node SIGKILLed (raylet + its processes)", 1, at_kill[affected.info.run_id] - resumed_from, 0, finish_s,
+           "kill -9 <worker raylet and its children>; the sweep finishes by itself")
