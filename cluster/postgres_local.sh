@@ -35,4 +35,4 @@ head -n 1 "$ROOT/data/postmaster.pid" >"$DIR/pid"
 ln -sfn "$ROOT/server.log" "$DIR/server.log"
 as_postgres "$PG_BIN/psql -h 127.0.0.1 -p $PG_PORT -U postgres -tAc \"SELECT 1 FROM pg_database WHERE datname='mlflow'\"" | grep -q 1 \
     || as_postgres "$PG_BIN/createdb -h 127.0.0.1 -p $PG_PORT -U postgres mlflow"
-echo "postgresql://postgres@127.0.0.1:$PG_PORT/mlflow"
+echo "postgresql+psycopg2://postgres@127.0.0.1:$PG_PORT/mlflow"  # psycopg2-binary; SQLAlchemy 2.1 defaults to psycopg 3
