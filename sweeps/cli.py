@@ -12,6 +12,7 @@ import typer
 from bnew_core.callbacks import Callback, Metrics
 from bnew_core.config import BnewError, load_trial_config
 from sweeps.report import report_command
+from sweeps.submission import register_submission_commands
 
 app = typer.Typer(
     help="Train binary neural networks (BNEW, STE, BMD, BOP) one trial at a time or as Ray sweeps.",
@@ -142,6 +143,7 @@ sweep_app = typer.Typer(
 )
 app.add_typer(sweep_app, name="sweep")
 sweep_app.command("report")(report_command)
+register_submission_commands(sweep_app)
 
 SPEC_HELP = "Sweep spec YAML, or a preset name (see `bnew sweep list`)."
 MAX_EPOCHS_HELP = "Cap every stage's epochs (a dry run: capped stages get their own keys)."

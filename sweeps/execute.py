@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from bnew_core.callbacks import Callback, Metrics
 from bnew_core.checkpoint import CorruptCheckpointError, checksum_path, verify_checksum
 from bnew_core.config import BnewError
 from sweeps.interrupt import Interruption
-from sweeps.plan import Plan, Stage
+from sweeps.plan import Plan, Stage, check_data_roots
 from sweeps.spec import SweepSpec, dump_spec
 from sweeps.tracking import Tracker, is_local_uri
 
@@ -159,6 +160,7 @@ def execute_stage(
     tracker = Tracker(context.tracking_uri)
     role = stage.roles[0]
     run_id = tracker.open_trial_run(context.experiment_id, context.parent_run_id, context.sweep, stage, role)
+    tracker.client.set_tag(run_id, "bnew.node", node_name())
     try:
         for tag, value in (tags or {}).items():
             tracker.client.set_tag(run_id, tag, value)
@@ -178,6 +180,16 @@ def execute_stage(
         raise
     if len(stage.roles) > 1:
         tracker.link_missing_roles(context.experiment_id, context.parent_run_id, context.sweep, stage)
+
+
+def node_name() -> str:
+    """The machine this trial runs on, and its Ray node (a host may hold several nodes)."""
+    import ray
+
+    name = socket.gethostname()
+    if ray.is_initialized():  # not in --debug runs
+        name += f"/{ray.get_runtime_context().get_node_id()[:12]}"
+    return name
 
 
 def tune_trial(config: dict[str, Any]) -> None:
@@ -395,6 +407,7 @@ def run_sweep(
 ) -> SweepOutcome:
     """Train every stage of `plan` that MLflow does not have finished yet; with `restore`, first
     continue that Tune experiment (its unfinished and errored trials, from their checkpoints)."""
+    check_data_roots(plan)
     if not debug:
         check_cluster_settings(spec, address, log)
     tracker, context, outcome = open_sweep(spec, plan, log)

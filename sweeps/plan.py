@@ -23,6 +23,7 @@ from sweeps.spec import (
     FIXED_AXES,
     OPTIMISER_MODELS,
     SweepSpec,
+    data_dir,
     optimiser_field_owners,
 )
 
@@ -37,6 +38,8 @@ KEY_EXCLUDED_FIELDS = {
 """Fields that change where or how fast a stage runs, not what it learns: left out of the key."""
 MAX_TRIALS = 1000
 """Larger sweeps need `--yes`: one axis too many can multiply a sweep's cost unnoticed."""
+ROOTED_DATASETS = ("cifar10", "cifar100", "imagefolder")
+"""Datasets read from `data.root` (torchvision's default root is `data`)."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,8 @@ class PlanBuilder:
                     optimiser["freeze_epochs"] = min(freeze or 0, merged["epochs"] - 1)
         if self.max_batches is not None:
             merged["max_batches"] = self.max_batches
+        if dataset in ROOTED_DATASETS:  # absolute: Ray runs trials in their own working dirs
+            merged["data"]["root"] = str(data_dir() / Path(merged["data"].get("root") or "data").expanduser())
         return merged
 
     def add_teacher(self, point: dict[str, Any]) -> str:
@@ -308,6 +313,21 @@ class PlanBuilder:
             stage.roles.append(role)
             self.names[role.name] = key
         return key
+
+
+def check_data_roots(plan: Plan) -> None:
+    """Raise a one-line `BnewError` naming `datasets.<name>.root` if a dataset is not where the
+    plan reads it (before Ray starts, rather than in every trial and its retries)."""
+    for stage in plan.stages.values():
+        data = stage.config["data"]
+        if data["name"] not in ROOTED_DATASETS or data["download"]:
+            continue
+        root = Path(data["root"])
+        needed = [root / "train", root / "test"] if data["name"] == "imagefolder" else [root]
+        missing = [path for path in needed if not path.is_dir()]
+        if missing:
+            raise BnewError(f"datasets.{data['name']}.root: {missing[0]} is not a directory "
+                            f"(relative roots are read from BNEW_DATA_DIR, here {data_dir()})")
 
 
 def build_plan(

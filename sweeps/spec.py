@@ -384,6 +384,12 @@ def project_dir() -> Path:
     return Path(os.environ.get("BNEW_PROJECT_DIR", ".")).resolve()
 
 
+def data_dir() -> Path:
+    """What relative dataset roots (`root: data/cifar100`) are read from: `BNEW_DATA_DIR`, the
+    folder every node of a cluster mounts, else the project directory."""
+    return Path(os.environ["BNEW_DATA_DIR"]).resolve() if os.environ.get("BNEW_DATA_DIR") else project_dir()
+
+
 def preset_names() -> list[str]:
     return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
 
