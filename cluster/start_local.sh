@@ -30,7 +30,8 @@ secret() { (umask 077 && "$BIN/python" -c "import secrets; print(secrets.token_h
 # MLflow: metadata in SQLite (or PostgreSQL), artifacts uploaded through the server, so no
 # worker ever writes to a path of its own. MLflow's basic-auth app: every request needs a user.
 if [ "${MLFLOW_BACKEND:-sqlite}" = postgres ]; then
-    BACKEND=$("$(dirname "$0")/postgres_local.sh" "$STATE/postgres")
+    BACKEND=$("$(dirname "$0")/postgres_local.sh" "$STATE/postgres") \
+        || { echo "postgresql did not start (user postgres needs access to $STATE); see $STATE/postgres/*.log" >&2; exit 1; }
 else
     BACKEND="sqlite:///$STATE/mlflow.db"
 fi

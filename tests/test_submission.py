@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -85,9 +86,11 @@ def test_version_mismatch_is_one_line_naming_both_sides() -> None:
 
 # --- the loopback cluster ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def cluster() -> Iterator[dict[str, str]]:
     """The cluster's printed environment (addresses, Ray token path, MLflow credentials)."""
-    state = tmp_path_factory.mktemp("cluster")
+    # PostgreSQL runs as user postgres, which cannot enter pytest's private temp folder.
+    state = Path(tempfile.mkdtemp(prefix="bnew-cluster-"))
+    state.chmod(0o755)
     ports = {name: str(free_port()) for name in ("RAY_PORT", "DASHBOARD_PORT", "RAY_CLIENT_PORT", "MLFLOW_PORT", "PG_PORT")}
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WORKERS": "2", "CPUS_PER_NODE": "1",
            "MLFLOW_BACKEND": "postgres", "BNEW_STORAGE_PATH": str(state / "shared-storage"), **ports}
@@ -103,6 +106,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     finally:
         monkeypatch.undo()
         subprocess.run(["bash", str(REPO / "cluster" / "stop_local.sh"), str(state)], env=env, timeout=120)
+    shutil.rmtree(state, ignore_errors=True)  # kept, with its logs, when the cluster did not start
 
 
 def client_env(cluster: dict[str, str], home: Path) -> dict[str, str]:
