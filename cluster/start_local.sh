@@ -71,10 +71,13 @@ export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/ray_auth_token"
     --ray-client-server-port "$RAY_CLIENT_PORT" --dashboard-agent-listen-port 0 \
     --temp-dir "$RAY_TMPDIR" --disable-usage-stats >"$STATE/ray-head.log" 2>&1 \
     || { echo "ray head did not start; see $STATE/ray-head.log" >&2; exit 1; }
+# A raylet gets a fixed 30 s to register with the head; on a busy machine a worker may need a retry.
 for index in $(seq 1 "$WORKERS"); do
-    "$BIN/ray" start --address "127.0.0.1:$RAY_PORT" --node-ip-address 127.0.0.1 --num-cpus "$CPUS_PER_NODE" \
-        --dashboard-agent-listen-port 0 --disable-usage-stats >"$STATE/ray-worker-$index.log" 2>&1 \
-        || { echo "ray worker $index did not start; see $STATE/ray-worker-$index.log" >&2; exit 1; }
+    for attempt in 1 2 3; do
+        "$BIN/ray" start --address "127.0.0.1:$RAY_PORT" --node-ip-address 127.0.0.1 --num-cpus "$CPUS_PER_NODE" \
+            --dashboard-agent-listen-port 0 --disable-usage-stats >>"$STATE/ray-worker-$index.log" 2>&1 && break
+        [ "$attempt" = 3 ] && { echo "ray worker $index did not start; see $STATE/ray-worker-$index.log" >&2; exit 1; }
+    done
 done
 
 # MLflow starts while Ray does; both must be up before the environment is printed.
