@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -67,6 +68,7 @@ def job_client(address: str | None) -> Any:
     """A JobSubmissionClient for the cluster, or a one-line error if it cannot be reached."""
     from ray.job_submission import JobSubmissionClient
 
+    logging.getLogger("ray.dashboard").setLevel(logging.WARNING)  # no INFO line per request
     resolved = api_address(address)
     try:
         return JobSubmissionClient(resolved)
@@ -252,8 +254,9 @@ def stop(
 
     Submitting the same spec again later trains only what is missing."""
     client = job_client(address)
-    if job_info(client, job).status.is_terminal():
-        typer.echo(f"job {job}: already {job_info(client, job).status.value}")
+    status = job_info(client, job).status
+    if status.is_terminal():
+        typer.echo(f"job {job}: already {status.value}")
         return
     client.stop_job(job)
     deadline = time.monotonic() + STOP_WAIT_S + 30
