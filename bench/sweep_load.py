@@ -61,6 +61,7 @@ class LoopbackCluster:
             **os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(code),
             "WORKERS": str(workers), "CPUS_PER_NODE": "1", "MLFLOW_BACKEND": backend,
             "RAY_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()), "PG_PORT": str(free_port()),
+            "DASHBOARD_PORT": str(free_port()), "RAY_CLIENT_PORT": str(free_port()),
             # MLflow 3's GenAI job runners (~1 GB), which no sweep uses.
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
         }
