@@ -32,6 +32,7 @@ from bnew_core.config import BnewError
 from sweeps.interrupt import Interruption
 from sweeps.plan import Plan, Stage, check_data_roots
 from sweeps.spec import SweepSpec, dump_spec
+from sweeps.storage import check_storage_reaches_every_node, experiment_uris
 from sweeps.tracking import Tracker, is_local_uri
 
 FAULT_ENV = "BNEW_SWEEP_FAULT"
@@ -295,9 +296,9 @@ def trial_dirname(trial: Any) -> str:
 
 
 # --- the driver ---------------------------------------------------------------------------------
-def check_cluster_settings(spec: SweepSpec, address: str | None, log: Log) -> None:
-    """Workers on other machines must log through an MLflow server, not a path of theirs, and
-    share the Tune storage for checkpoints."""
+def check_cluster_settings(spec: SweepSpec, address: str | None) -> None:
+    """Workers on other machines must log through an MLflow server, not a path of theirs (the
+    Tune storage is checked once Ray is connected: `check_storage_reaches_every_node`)."""
     if address is None:
         return
     host = urlparse(address if "://" in address else f"ray://{address}").hostname
@@ -309,8 +310,6 @@ def check_cluster_settings(spec: SweepSpec, address: str | None, log: Log) -> No
             f"tracking_uri: {tracking_uri} is a local store, but trials on cluster {address} run on other "
             "machines; set tracking_uri to an MLflow server (http://HOST:5000, `mlflow server --serve-artifacts`)"
         )
-    if "://" not in spec.resolved_storage_path():
-        log(f"note: storage_path {spec.resolved_storage_path()} must be a file system every node shares (or s3://...)")
 
 
 def start_ray(address: str | None, local: bool, log: Log) -> None:
@@ -403,13 +402,13 @@ def run_sweep(
     address: str | None = None,
     local: bool = False,
     debug: bool = False,
-    restore: Path | None = None,
+    restore: str | None = None,
 ) -> SweepOutcome:
     """Train every stage of `plan` that MLflow does not have finished yet; with `restore`, first
     continue that Tune experiment (its unfinished and errored trials, from their checkpoints)."""
     check_data_roots(plan)
     if not debug:
-        check_cluster_settings(spec, address, log)
+        check_cluster_settings(spec, address)
     tracker, context, outcome = open_sweep(spec, plan, log)
     pending = [stage for key, stage in plan.stages.items() if key not in outcome.reused]
     log(f"{len(outcome.reused)} stages reused, {len(pending)} to train ({plan.epochs({s.key for s in pending})} epochs)")
@@ -421,10 +420,11 @@ def run_sweep(
             from ray import tune
 
             start_ray(address, local, log)
+            check_storage_reaches_every_node(tune_storage(spec))
             done = set(outcome.reused)
             if restore is not None:
                 log(f"resuming Tune experiment {restore}")
-                interruption.fit(tune.Tuner.restore(str(restore), trainable(spec), resume_errored=True))
+                interruption.fit(tune.Tuner.restore(restore, trainable(spec), resume_errored=True))
                 done |= set(tracker.finished_stages([stage.key for stage in pending]))
             missing = [stage for stage in pending if stage.key not in done]
             if missing:
@@ -458,9 +458,8 @@ def resume_sweep(spec: SweepSpec, plan: Plan, log: Log, address: str | None = No
     their checkpoints), then run whatever stages are still missing."""
     from ray import tune
 
-    storage = Path(tune_storage(spec))  # local or shared file system (URIs are not listed here)
-    experiments = sorted(path for path in storage.glob("*") if path.name != "debug")
-    restorable = [path for path in experiments if tune.Tuner.can_restore(str(path))]
+    storage = tune_storage(spec)
+    restorable = [uri for uri in experiment_uris(storage) if tune.Tuner.can_restore(uri)]
     if not restorable:
         log(f"no Tune experiment of {spec.name!r} under {storage} to restore; running the missing stages")
     return run_sweep(spec, plan, log, address=address, local=local, restore=restorable[-1] if restorable else None)
