@@ -64,7 +64,10 @@ def s3_env(tmp_path: Path):
         yield env, client
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
         log.close()
 
 
@@ -87,6 +90,7 @@ def write_spec(project: Path, storage_path: str) -> Path:
         "phases": {"pretrain": {"epochs": 2}},
         "optimisers": {"bnew": {"lambda_rate": 5.0, "freeze_epochs": 1}},
         "max_failures": 0,
+        "checkpoint": {"every_epochs": 1},  # Tune's experiment state records the trial after its second epoch
         "storage_path": storage_path,
     }
     path = project / "s3sweep.yaml"
@@ -131,7 +135,7 @@ def test_killed_driver_resumes_from_the_checkpoints_in_the_bucket(s3_env, tmp_pa
     driver = subprocess.Popen([part.format("run") for part in command], cwd=project, env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        killed_after = wait_for(lambda: driver.poll() is not None or recorded_quantise_epoch(client), 300,
+        killed_after = wait_for(lambda: driver.poll() is not None or recorded_quantise_epoch(client), 600,
                                 "a quantise checkpoint in the bucket's experiment state")
         assert driver.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
     finally:
