@@ -170,7 +170,9 @@ def test_killed_driver_resumes_from_the_checkpoints_in_the_bucket(s3_env, tmp_pa
     keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="tune/s3sweep/")
             for obj in page.get("Contents", [])]
     quantise_checkpoints = {Path(key).parent.name for key in keys if "_bnew_" in key and key.endswith("/checkpoint.pt")}
-    assert f"checkpoint_{BUDGET - 1:06d}" in quantise_checkpoints, quantise_checkpoints
+    # Tune keeps the trial's last two checkpoints in the bucket, written after the resume.
+    assert len(quantise_checkpoints) == 2, quantise_checkpoints
+    assert min(int(name.removeprefix("checkpoint_")) for name in quantise_checkpoints) > killed_after, quantise_checkpoints
     assert not (project / ".bnew" / "ray_results").exists()  # nothing went to a local folder
 
 
