@@ -349,7 +349,7 @@ def build_plan(
 def check_sweep(plan: Plan, on_this_machine: bool, yes: bool) -> None:
     """What a sweep needs beyond a valid spec, checked before Ray or MLflow start: a size confirmed
     with `yes` over `MAX_TRIALS`, a tracking URI MLflow can use and, if the sweep's driver runs on
-    this machine, a storage folder it can write. Raises a one-line `BnewError` naming the key."""
+    this machine, a storage folder it can write and its datasets. Raises a one-line `BnewError` naming the key."""
     from sweeps.tracking import check_tracking_uri
 
     trials = len(plan.trial_roles())
@@ -359,6 +359,7 @@ def check_sweep(plan: Plan, on_this_machine: bool, yes: bool) -> None:
     check_tracking_uri(plan.spec.resolved_tracking_uri())
     if on_this_machine:
         check_storage_path(plan.spec.resolved_storage_path())
+        check_data_roots(plan)
 
 
 def check_storage_path(storage: str) -> None:

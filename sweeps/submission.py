@@ -163,7 +163,7 @@ def submit(
     from sweeps.spec import dump_spec
     from sweeps.tracking import is_local_uri
 
-    sweep_spec, _ = load_sweep_plan(spec, max_epochs, max_batches)
+    sweep_spec, _ = load_sweep_plan(spec, max_epochs, max_batches, on_this_machine=False)  # paths: the cluster's
     tracking_uri = sweep_spec.resolved_tracking_uri()
     if is_local_uri(tracking_uri):
         fail(f"tracking_uri: {tracking_uri} is a store on this machine; a submitted sweep logs from the cluster, "
