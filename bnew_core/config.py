@@ -44,7 +44,10 @@ class DataConfig(StrictModel):
     split_seed: int = 0
     """Seed of the train/validation split; fixed across trials so every seed sees the same split."""
     train_limit: int | None = Field(None, gt=0)
-    """Use only the first N training images (after the split) for quick runs."""
+    """Use a seeded random subset of N training images (after the split; seed split_seed + 1) for quick runs."""
+    test_limit: int | None = Field(None, gt=0)
+    """Evaluate on a seeded random subset of N test images (seed split_seed + 2): on short CPU
+    runs the per-epoch evaluation otherwise costs as much as the training."""
     crop_padding: int | None = Field(None, ge=0)
     """Padding of the random crop; default 4 for 32x32 images, 1 for 8x8 digits."""
     flip: bool | None = None

@@ -69,10 +69,22 @@ def load_data(config: DataConfig) -> ImageData:
         keep = order[config.val_size:].sort().values
         train = Split(train.images[keep], train.labels[keep])
     if config.train_limit is not None:
-        train = Split(train.images[: config.train_limit], train.labels[: config.train_limit])
+        train = random_subset(train, config.train_limit, config.split_seed + 1)
+    if config.test_limit is not None:
+        test = random_subset(test, config.test_limit, config.split_seed + 2)
     pixels = train.images.transpose(0, 1).reshape(train.images.shape[1], -1).float()
     mean, std = pixels.mean(1), pixels.std(1).clamp_min(1.0)
     return ImageData(train, test, val, num_classes, mean, std)
+
+
+def random_subset(split: Split, size: int, seed: int) -> Split:
+    """`size` images of the split drawn with `seed`, in their original order (all if it has fewer).
+
+    Random, not the first ones: image trees list their images class by class."""
+    if size >= len(split):
+        return split
+    keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    return Split(split.images[keep], split.labels[keep])
 
 
 def load_digits(config: DataConfig) -> tuple[Split, Split, int]:

@@ -17,6 +17,7 @@ with tensor-wide `torch._foreach_*` ops over all of them at once.
 from __future__ import annotations
 
 import contextlib
+import math
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -248,6 +249,10 @@ class STE(WeightMethod):
         clamp_unit_(self.binary)
 
 
+BMD_K_MAX = 1e35
+"""Cap of BMD's tanh slope k (the authors' value); float32 overflows at ~3.4e38."""
+
+
 class BMD(WeightMethod):
     """Binary mirror descent: forward at tanh(k w), gradient applied to w, k = k0 ** epoch."""
 
@@ -259,7 +264,8 @@ class BMD(WeightMethod):
 
     @property
     def k(self) -> float:
-        return self.k0 ** self.epoch
+        """k0 ** epoch, capped at K_MAX (as the authors do): past it float32 k is inf and tanh(0 * inf) NaN."""
+        return math.exp(min(self.epoch * math.log(self.k0), math.log(BMD_K_MAX)))
 
     def forward_weights(self) -> list[torch.Tensor]:
         return self.soft_weights()
@@ -324,11 +330,15 @@ class L1Regulariser:
 
 
 class L2Regulariser:
-    """R_l2: w <- (w + c sign(w)) / (1 + c)."""
+    """R_l2: w <- clamp((w + c sign(w)) / (1 + c), -1, 1).
+
+    The prox alone keeps |w| <= 1 only for weights already inside; the Adam step before it can
+    push a weight past +-1, and without the clamp (the authors' code has it) it would drift."""
 
     def prox(self, weights: list[torch.Tensor], c: float) -> None:
         torch._foreach_add_(weights, [binary_sign(weight) for weight in weights], alpha=c)
         torch._foreach_div_(weights, 1 + c)
+        clamp_unit_(weights)
 
 
 REGULARISERS = {"concave": ConcaveRegulariser, "l1": L1Regulariser, "l2": L2Regulariser}

@@ -112,12 +112,15 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, split: Split, loader: BatchLoader, batch_size: int, autocast) -> torch.Tensor:
-    """Top-1 accuracy in % as a device tensor (no host sync here)."""
+def accuracy(model: nn.Module, split: Split, loader: BatchLoader, batch_size: int) -> torch.Tensor:
+    """Top-1 accuracy in % as a device tensor (no host sync here).
+
+    Always in float32, also inside the training's bf16 autocast: bf16 would round the conv sums
+    and the logits that every reported accuracy comes from."""
     model.eval()
     correct = torch.zeros((), device=split.labels.device)
-    for images, labels in eval_batches(split, loader, batch_size):
-        with autocast():
+    with torch.autocast(split.labels.device.type, enabled=False):
+        for images, labels in eval_batches(split, loader, batch_size):
             correct += (model(images).argmax(1) == labels).sum()
     model.train()
     return correct * (100.0 / len(split))
@@ -189,10 +192,12 @@ def train(config: TrialConfig, callbacks: Sequence[Callback] = (), resume_from: 
 
         weight_stats = method.end_epoch(epoch)
         with method.training_view():
-            test_float = accuracy(forward, data.test, loader, config.eval_batch_size, autocast)
+            test_float = accuracy(forward, data.test, loader, config.eval_batch_size)
         with method.binarised():
-            test_binary = accuracy(forward, data.test, loader, config.eval_batch_size, autocast)
-            val_binary = (accuracy(forward, data.val, loader, config.eval_batch_size, autocast)
+            # A network without binary weights (teacher, real-valued) is the same network binarised.
+            test_binary = (accuracy(forward, data.test, loader, config.eval_batch_size)
+                           if method.binary else test_float)
+            val_binary = (accuracy(forward, data.val, loader, config.eval_batch_size)
                           if data.val is not None else None)
         device_values = {
             "loss": loss_sum / len(loader),
