@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from .config import BnewError, DataConfig
 
@@ -145,6 +146,15 @@ def load_imagefolder(config: DataConfig) -> tuple[Split, Split, int]:
         if not (root / part).is_dir():
             raise BnewError(f"data.root: {root / part} is not a directory (expected <root>/{part}/<class>/<images>)")
     cache = cache_path(root)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent trials on one node (the first wave of a sweep) decode the tree once: the others
+    # wait for the cache instead of decoding it again on the same cores.
+    with FileLock(str(cache) + ".lock"):
+        return load_or_decode_tree(root, cache)
+
+
+def load_or_decode_tree(root: Path, cache: Path) -> tuple[Split, Split, int]:
+    """The tree's splits from the cache, else decoded and cached (call it holding the cache's lock)."""
     if cache.is_file():
         try:
             cached = torch.load(cache, weights_only=True)
@@ -155,7 +165,6 @@ def load_imagefolder(config: DataConfig) -> tuple[Split, Split, int]:
     test, test_classes = decode_image_tree(root / "test")
     if test_classes != classes:
         raise BnewError(f"data.root: {root}/train and {root}/test have different class folders")
-    cache.parent.mkdir(parents=True, exist_ok=True)
     temporary = cache.with_suffix(f".tmp{os.getpid()}")
     torch.save({"train": (train.images, train.labels), "test": (test.images, test.labels),
                 "num_classes": len(classes)}, temporary)

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from scipy import stats
 
 from bnew_core.config import BnewError, format_validation_error
+from sweeps.claims import ClaimResult, claims_frame, evaluate_claims, plot_claims, render_claims_markdown
 from sweeps.plan import grid_points
 from sweeps.spec import ABLATIONS, PAPER_TABLES_PATH, ReportSpec, SweepSpec, load_spec, parse_spec, preset_names
 
@@ -43,6 +44,8 @@ REAL_ROW = "real_valued"
 """Row label of the real-valued network (the key tables.json uses for Table 2)."""
 PAPER_DATASET = "cifar100"
 """Every table of the paper is CIFAR-100: paper values are shown beside CIFAR-100 tables only."""
+CLAIMS_PLOT = "claims.png"
+"""The figure to look at first: every claim's effect with its 95% CI beside the paper's."""
 SIGNIFICANCE_LEVEL = 0.05
 NO_COLUMN = "all"
 """Column label of a table whose layout has no column axes."""
@@ -173,6 +176,8 @@ class Table:
     (`ok`; `missing`: planned, no finished run; `n/a`: not planned, no run)."""
     runs: pd.DataFrame
     """Finished runs behind the cells: run_id, row, column, seed, value."""
+    without_validation: int = 0
+    """Result runs that `select: best_val` found no validation history in (they report their final epoch)."""
 
     @property
     def title(self) -> str:
@@ -254,6 +259,37 @@ def final_metric(metrics: dict[str, float], metric: str) -> float:
     return metrics.get(f"final_{metric}", metrics.get(metric, math.nan))
 
 
+VALIDATION_METRIC = "val_acc_binary"
+"""What `select: best_val` picks the epoch by: the binary network's validation accuracy."""
+SELECTION_NOTES = {
+    "final": "the final epoch of each run",
+    "best_val": f"each run's epoch of best {VALIDATION_METRIC} (first of ties)",
+}
+
+
+def best_val_metric(client, run_id: str, metric: str) -> float | None:
+    """`metric` at the run's epoch of best validation accuracy; None without a validation history."""
+    validation = {point.step: point.value for point in client.get_metric_history(run_id, VALIDATION_METRIC)}
+    if not validation:
+        return None
+    best_epoch = min(validation, key=lambda step: (-validation[step], step))
+    values = {point.step: point.value for point in client.get_metric_history(run_id, metric)}
+    return values.get(best_epoch, math.nan)
+
+
+def selected_values(sweep: SweepRuns, trials: pd.DataFrame, layout: ReportSpec) -> tuple[pd.Series, int]:
+    """The reported value of each trial under `layout.select`, and how many best_val trials had no
+    validation split (those report their final epoch)."""
+    finals = pd.Series([final_metric(metrics, layout.metric) for metrics in trials.metrics], index=trials.index)
+    if layout.select == "final":
+        return finals, 0
+    client = mlflow_client(sweep.tracking_uri)
+    chosen = {index: best_val_metric(client, run_id, layout.metric) for index, run_id in trials.run_id.items()}
+    without = [index for index, value in chosen.items() if value is None]
+    return pd.Series({index: finals[index] if value is None else value for index, value in chosen.items()},
+                     index=trials.index, dtype=float), len(without)
+
+
 def welch_p_value(sample: np.ndarray, reference: np.ndarray) -> float:
     """Two-sided Welch t-test p-value; NaN unless both samples have two or more values."""
     if len(sample) < 2 or len(reference) < 2:
@@ -265,7 +301,8 @@ def build_table(
     trials: pd.DataFrame, grid: str, dataset: str, layout: ReportSpec, points: list[dict[str, Any]],
     compare_to: str | None, paper: dict[str, Any],
 ) -> Table:
-    """The table of one grid and dataset from its result trials (any status) and planned points."""
+    """The table of one grid and dataset from its result trials (any status, each with its
+    reported `value`) and planned points."""
     paper_table = paper.get(layout.paper_table or "", {}) if dataset == PAPER_DATASET else {}
     paper_rows: dict[str, dict[str, Any]] = paper_table.get("rows", {})
     quantised = trials[trials.stage != REAL]
@@ -287,8 +324,7 @@ def build_table(
             column_labels if stage == REAL else [label]
             for stage, label in zip(frame.stage, label_of(frame, layout.columns))
         ],
-        value=lambda frame: [final_metric(metrics, layout.metric) for metrics in frame.metrics],
-    )
+        )
     runs = (
         finished.explode("column")
         .dropna(subset=["value"])
@@ -330,12 +366,29 @@ def build_table(
     return Table(grid, dataset, layout, reference, row_labels, column_labels, cells, runs)
 
 
-def build_tables(sweep: SweepRuns, compare_to: str | None = None) -> list[Table]:
+def report_layout(sweep: SweepRuns, select: str | None = None) -> ReportSpec:
+    """The spec's layout, with `select` (from the command line) instead of the spec's when given."""
+    layout = read_layout(sweep.spec)
+    return layout if select is None else layout.model_copy(update={"select": select})
+
+
+def result_trials(sweep: SweepRuns, layout: ReportSpec) -> tuple[pd.DataFrame, int]:
+    """The result trials (stages quantise and real) with their reported `value`, and how many of
+    them lacked the validation split `select: best_val` needs."""
+    results = sweep.trials[sweep.trials.stage.isin(RESULT_STAGES)]
+    values, without_validation = selected_values(sweep, results, layout)
+    return results.assign(value=values), without_validation
+
+
+def build_tables(
+    sweep: SweepRuns, compare_to: str | None = None, layout: ReportSpec | None = None,
+    results: tuple[pd.DataFrame, int] | None = None,
+) -> list[Table]:
     """One table per grid and dataset: the planned ones and those the sweep's result trials
     (stages quantise and real) carry. With a readable spec every trial belongs to its grid."""
-    layout = read_layout(sweep.spec)
+    layout = layout or report_layout(sweep)
     plan = planned_points(sweep.spec)
-    results = sweep.trials[sweep.trials.stage.isin(RESULT_STAGES)]
+    results, without_validation = results or result_trials(sweep, layout)
     if plan:
         results = results.assign(grid=plan[0])
     keys = set(zip(results.grid, results.dataset))
@@ -346,7 +399,9 @@ def build_tables(sweep: SweepRuns, compare_to: str | None = None) -> list[Table]
     for grid, dataset in sorted(keys):
         points = [point for point in plan[1] if point["dataset"] == dataset] if plan else []
         trials = results[(results.grid == grid) & (results.dataset == dataset)]
-        tables.append(build_table(trials, grid or "all", dataset, layout, points, compare_to, paper))
+        table = build_table(trials, grid or "all", dataset, layout, points, compare_to, paper)
+        table.without_validation = without_validation
+        tables.append(table)
     if compare_to and not any(table.reference == compare_to for table in tables):
         raise ReportError(f"--compare-to {compare_to!r} is no row or column label of any table")
     return tables
@@ -414,13 +469,24 @@ def wide_rows(table: Table, style: TextStyle) -> tuple[list[str], list[list[str]
     return header, body
 
 
+def selection_note(layout: ReportSpec, without_validation: int = 0) -> str:
+    """Which epoch's value each run reports, as printed under every table."""
+    note = f"Selection (report.select: {layout.select}): `{layout.metric}` at {SELECTION_NOTES[layout.select]}."
+    if without_validation:
+        note += (f" {without_validation} run(s) have no validation split (data.val_size = 0): "
+                 "best_val needs one, so they report their final epoch.")
+    return note
+
+
 def table_note(table: Table) -> str:
-    """What the cells and p-values mean."""
+    """What the cells and p-values mean, and which epoch they report."""
     note = "Mean ± sample std over n seeds; missing: planned, no finished run; n/a: not planned."
     if table.reference is None:
-        return note + " No reference row or column: no significance tests."
-    where = "column" if table.reference in table.row_labels else "row"
-    return note + f" p: Welch's t-test against `{table.reference}` in the same {where}; * p < {SIGNIFICANCE_LEVEL}."
+        note += " No reference row or column: no significance tests."
+    else:
+        where = "column" if table.reference in table.row_labels else "row"
+        note += f" p: Welch's t-test against `{table.reference}` in the same {where}; * p < {SIGNIFICANCE_LEVEL}."
+    return note + " " + selection_note(table.layout, table.without_validation)
 
 
 def render_markdown(table: Table) -> str:
@@ -599,15 +665,58 @@ class Report:
     text: str
     """The tables (and failed trials) in the chosen format, as written to `files[0]`."""
     files: list[Path]
+    claims: list[ClaimResult]
 
 
-def render(tables: list[Table], failed: pd.DataFrame, fmt: str, sweep_name: str) -> str:
-    """The tables in one format; Markdown also lists the failed trials."""
+def teacher_runs(sweep: SweepRuns) -> pd.DataFrame:
+    """The sweep's finished teacher runs with their test accuracy (`final_test_acc_binary`: a
+    teacher has no binary weights, so it is the teacher's own accuracy)."""
+    trials = sweep.trials
+    teachers = trials[(trials.stage == "teacher") & (trials.status == "FINISHED")]
+    return pd.DataFrame({
+        "run_name": teachers.run_name, "run_id": teachers.run_id, "dataset": teachers.dataset, "seed": teachers.seed,
+        "test_acc": [final_metric(metrics, "test_acc_binary") for metrics in teachers.metrics],
+    }).sort_values(["dataset", "seed", "run_name"]).reset_index(drop=True)
+
+
+def render_teachers_markdown(teachers: pd.DataFrame) -> str:
+    """The distillation teachers and their test accuracies, to trace distilled cells to them."""
+    if teachers.empty:
+        return ""
+    items = [f"- `{t.run_name}` (run {t.run_id}): test accuracy {t.test_acc:.2f}%" for t in teachers.itertuples()]
+    return "\n".join([f"## Distillation teachers ({len(teachers)})", "", *items, ""])
+
+
+def claim_results(results: pd.DataFrame, layout: ReportSpec) -> list[ClaimResult]:
+    """The spec's claims judged on the finished result runs (a re-run replaces its predecessor)."""
+    if not layout.claims:
+        return []
+    finished = (results[results.status == "FINISHED"].sort_values("start_time")
+                .drop_duplicates("run_name", keep="last"))
+    axes = sorted({axis for claim in layout.claims for axis in claim.axes()})
+    columns = finished.reindex(columns=[axis if axis in TRIAL_TAGS else f"param.{axis}" for axis in axes], fill_value="")
+    frame = pd.DataFrame(columns.to_numpy(), columns=axes, index=finished.index).assign(value=finished.value)
+    return evaluate_claims(frame, layout.claims, load_paper_tables())
+
+
+def render(
+    tables: list[Table], failed: pd.DataFrame, fmt: str, sweep_name: str,
+    claims: list[ClaimResult] = (), teachers: pd.DataFrame | None = None,
+) -> str:
+    """The tables in one format; Markdown also gives the claims' verdicts (first), the teachers
+    and the failed trials."""
     if fmt == "csv":
         return cells_frame(tables).to_csv(index=False)
     if fmt == "latex":
         return "\n".join(render_latex(table) for table in tables)
-    sections = [f"# Sweep report: {sweep_name}", ""] + [render_markdown(table) for table in tables]
+    sections = [f"# Sweep report: {sweep_name}", ""]
+    if claims:
+        layout = tables[0].layout if tables else ReportSpec()
+        note = f"`{layout.metric}` at {SELECTION_NOTES[layout.select]}, report.select: {layout.select}"
+        sections += [render_claims_markdown(claims, note), f"![claims]({CLAIMS_PLOT})", ""]
+    sections += [render_markdown(table) for table in tables]
+    if teachers is not None:
+        sections.append(render_teachers_markdown(teachers))
     return "\n".join(sections + [render_failed_markdown(failed)])
 
 
@@ -618,20 +727,32 @@ def write_report(
     fmt: str = "md",
     compare_to: str | None = None,
     log_artifacts: bool = True,
+    select: str | None = None,
 ) -> Report:
-    """Build the sweep's tables and plots, write them to `out_dir` (default `reports/<sweep>`)
-    and log them to the parent run under `report/`."""
+    """Build the sweep's claims, tables and plots, write them to `out_dir` (default
+    `reports/<sweep>`) and log them to the parent run under `report/`. `select` overrides the
+    spec's `report.select`."""
     if fmt not in FORMAT_SUFFIX:
         raise ReportError(f"unknown format {fmt!r}: expected one of {sorted(FORMAT_SUFFIX)}")
     sweep = load_sweep(tracking_uri, sweep_name)
-    tables = build_tables(sweep, compare_to)
+    layout = report_layout(sweep, select)
+    results = result_trials(sweep, layout)
+    tables = build_tables(sweep, compare_to, layout, results)
+    try:
+        claims = claim_results(results[0], layout)
+    except BnewError as exc:
+        raise ReportError(str(exc)) from None
     failed = failed_trials(sweep)
     out_dir = Path(out_dir or Path("reports") / sweep_name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = render(tables, failed, fmt, sweep_name)
+    text = render(tables, failed, fmt, sweep_name, claims, teacher_runs(sweep))
     table_path = out_dir / f"report.{FORMAT_SUFFIX[fmt]}"
     table_path.write_text(text)
     files = [table_path]
+    if claims:
+        claims_path = out_dir / "claims.csv"
+        claims_frame(claims).to_csv(claims_path, index=False)
+        files += [claims_path, plot_claims(claims, out_dir / CLAIMS_PLOT, f"{sweep_name}: claims, {layout.metric}")]
     if not failed.empty:
         failed_path = out_dir / "failed_trials.csv"
         failed.to_csv(failed_path, index=False)
@@ -642,7 +763,7 @@ def write_report(
         client = mlflow_client(tracking_uri)
         for path in files:
             client.log_artifact(sweep.parent_run_id, str(path), artifact_path="report")
-    return Report(tables, failed, text, files)
+    return Report(tables, failed, text, files, claims)
 
 
 # --------------------------------------------------------------------------- command line
@@ -666,15 +787,22 @@ def report_command(
         None, help="Row or column label to t-test every cell against (e.g. ste), instead of the spec's baseline."
     ),
     log: bool = typer.Option(True, "--log/--no-log", help="Also log the files to the parent run under report/."),
+    select: Optional[str] = typer.Option(
+        None, help="final | best_val: the epoch each run reports (default: the spec's report.select)."
+    ),
 ) -> None:
-    """Report a sweep from its MLflow runs: tables, failed trials and per-epoch plots.
+    """Report a sweep from its MLflow runs: claims, tables, teachers, failed trials and plots.
 
-    A table per grid and dataset (rows and columns from the spec's `report:` section) with
-    mean ± std over seeds, seed counts, Welch t-tests against the baseline and the paper's
+    A verdict per claim of the spec's `report.claims` (effect ± s.e., Welch p, the paper's
+    effect); a table per grid and dataset (rows and columns from the spec's `report:` section)
+    with mean ± std over seeds, seed counts, Welch t-tests against the baseline and the paper's
     values; missing cells are marked. Files go to --out and to the sweep's parent run.
     """
+    if select not in (None, *SELECTION_NOTES):
+        typer.echo(f"error: --select: {select!r} is not one of {', '.join(SELECTION_NOTES)}", err=True)
+        raise typer.Exit(code=2)
     try:
-        report = write_report(tracking_uri or default_tracking_uri(name), name, out, fmt, compare_to, log)
+        report = write_report(tracking_uri or default_tracking_uri(name), name, out, fmt, compare_to, log, select)
     except ReportError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None

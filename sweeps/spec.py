@@ -261,6 +261,44 @@ class CheckpointSettings(StrictModel):
         return {"checkpoint_every": self.every_epochs, "checkpoint_minutes": self.every_minutes}
 
 
+class PaperEffect(StrictModel):
+    """A claim's effect in the paper, from cells of a table in tables.json: the sum of the
+    `plus` cells minus the sum of the `minus` cells, each cell `[row, column]`."""
+
+    table: str
+    """Key in tables.json (table1_cifar100_budget, table2_ablation)."""
+    plus: list[tuple[str, str]] = Field(min_length=1)
+    minus: list[tuple[str, str]] = Field(min_length=1)
+
+
+class ClaimSpec(StrictModel):
+    """A claim tested as a contrast of grid cells with Welch's t-test, one sample per seed.
+
+    `contrast: {ablation: [binary_first_last, baseline]}` is treated minus control; with
+    `versus: {optimiser: [bnew, ste]}` it is the difference of that contrast between the two
+    versus values (does BNEW gain more from the longer budget than STE?)."""
+
+    name: str
+    contrast: dict[str, tuple[Any, Any]] = Field(min_length=1, max_length=1)
+    """One axis: [treated value, control value]."""
+    versus: dict[str, tuple[Any, Any]] = Field({}, max_length=1)
+    """Optional second axis: the contrast's difference between its first and second value."""
+    where: dict[str, Any] = {}
+    """Axis values every compared cell has (e.g. {optimiser: bnew, budget: 3})."""
+    paper_effect: float | PaperEffect
+    """The paper's effect (points), a number or cells of tables.json; its sign is the claim's direction."""
+
+    @model_validator(mode="after")
+    def _axes_apart(self) -> "ClaimSpec":
+        overlap = (set(self.contrast) | set(self.versus)) & set(self.where) | set(self.contrast) & set(self.versus)
+        if overlap:
+            raise ValueError(f"{self.name!r}: axis {sorted(overlap)[0]} is given twice (contrast, versus, where)")
+        return self
+
+    def axes(self) -> set[str]:
+        return {*self.contrast, *self.versus, *self.where}
+
+
 class ReportSpec(StrictModel):
     """How `bnew sweep report` lays the results out."""
 
@@ -273,6 +311,11 @@ class ReportSpec(StrictModel):
     baseline: str | None = None
     """Row value to t-test the others against (e.g. baseline)."""
     metric: str = "test_acc_binary"
+    select: Literal["final", "best_val"] = "final"
+    """Which epoch's `metric` a run reports: its last, or the one of its best binary validation
+    accuracy (the authors' choice for STE and BMD; needs `data.val_size` > 0)."""
+    claims: list[ClaimSpec] = []
+    """Claims to give a verdict on (holds / not shown at this scale / contradicted)."""
 
     @field_validator("paper_table")
     @classmethod
@@ -355,7 +398,18 @@ class SweepSpec(StrictModel):
             for key in self.report.rows + self.report.columns:
                 if key not in axes:
                     raise ValueError(f"report: {key!r} is not an axis ({', '.join(sorted(axes))})")
+            for index, claim in enumerate(self.report.claims):
+                for key in sorted(claim.axes() - axes):
+                    raise ValueError(f"report.claims.{index}: {key!r} is not an axis ({', '.join(sorted(axes))})")
+            if self.report.select == "best_val" and not self.has_validation_split():
+                raise ValueError("report.select: best_val needs a validation split; set data.val_size > 0 "
+                                 "(base.data.val_size or datasets.<name>.val_size)")
         return self
+
+    def has_validation_split(self) -> bool:
+        """Whether base, the final phases or any dataset settings hold out validation images."""
+        layers = [self.base.get("data", {}), self.phases.quantise.get("data", {}), self.phases.real.get("data", {})]
+        return any((layer or {}).get("val_size") for layer in [*layers, *self.datasets.values()])
 
     @property
     def grid_label(self) -> str:
