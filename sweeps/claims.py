@@ -32,10 +32,8 @@ class CellSample:
     selector: dict[str, str]
     coefficient: int
     values: np.ndarray
-
-    @property
-    def label(self) -> str:
-        return "/".join(self.selector.values())
+    label: str = ""
+    """The cell's contrast and versus values (`ablation=no_prelu`); its `where` values are the claim's."""
 
 
 @dataclass
@@ -66,8 +64,13 @@ def tag_value(axis: str, value: Any) -> str:
     return str(value)
 
 
+def where_text(claim: ClaimSpec) -> str:
+    return ", ".join(f"{axis}={tag_value(axis, value)}" for axis, value in claim.where.items())
+
+
 def claim_cells(claim: ClaimSpec) -> list[tuple[dict[str, str], int]]:
-    """The compared cells as tag selectors with their contrast coefficients."""
+    """The compared cells as tag selectors (contrast and versus axes first) with their contrast
+    coefficients."""
     (axis, (treated, control)), = claim.contrast.items()
     where = {key: tag_value(key, value) for key, value in claim.where.items()}
     sides = [({axis: tag_value(axis, treated)}, 1), ({axis: tag_value(axis, control)}, -1)]
@@ -143,7 +146,8 @@ def evaluate_claims(results: pd.DataFrame, claims: list[ClaimSpec], paper: dict[
             mask = np.ones(len(results), dtype=bool)
             for axis, value in selector.items():
                 mask &= (results[axis] == value).to_numpy() if axis in results else False
-            cells.append(CellSample(selector, coefficient, results.loc[mask, "value"].dropna().to_numpy()))
+            label = ", ".join(f"{axis}={value}" for axis, value in selector.items() if axis not in claim.where)
+            cells.append(CellSample(selector, coefficient, results.loc[mask, "value"].dropna().to_numpy(), label))
         effect, se, df, p_value = welch_contrast(cells)
         expected = paper_effect(claim, paper)
         outcome, reason = verdict(cells, effect, p_value, expected)
@@ -162,8 +166,8 @@ def render_claims_markdown(results: list[ClaimResult], metric_note: str) -> str:
     lines = [
         "## Claims",
         "",
-        "| claim | effect ± s.e. (points) | 95% CI | p | paper (CIFAR-100) | verdict | cells: mean (n) |",
-        "|---|---|---|---|---|---|---|",
+        "| claim | in cells with | effect ± s.e. (points) | 95% CI | p | paper (CIFAR-100) | verdict | cells: mean (n) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         low, high = result.ci95()
@@ -175,7 +179,7 @@ def render_claims_markdown(results: list[ClaimResult], metric_note: str) -> str:
         effect = number(result.effect) + (f" ± {result.se:.2f}" if not math.isnan(result.se) else "")
         p_text = "—" if math.isnan(result.p_value) else f"{result.p_value:.3g}"
         lines.append(
-            f"| {result.claim.name} | {effect} | [{number(low)}, {number(high)}] | {p_text} | "
+            f"| {result.claim.name} | {where_text(result.claim)} | {effect} | [{number(low)}, {number(high)}] | {p_text} | "
             f"{number(result.paper_effect, 1)} | **{result.verdict}** | {cells} |"
         )
     lines += [
@@ -197,7 +201,8 @@ def claims_frame(results: list[ClaimResult]) -> pd.DataFrame:
     return pd.DataFrame(
         [
             {
-                "claim": result.claim.name, "effect": result.effect, "se": result.se, "df": result.df,
+                "claim": result.claim.name, "where": where_text(result.claim), "effect": result.effect,
+                "se": result.se, "df": result.df,
                 "ci_low": result.ci95()[0], "ci_high": result.ci95()[1], "p_value": result.p_value,
                 "paper_effect": result.paper_effect, "verdict": result.verdict, "reason": result.reason,
                 "cells": "; ".join(f"{cell.coefficient:+d} {cell.label} n={len(cell.values)}" for cell in result.cells),
@@ -212,7 +217,9 @@ def plot_claims(results: list[ClaimResult], path: Path, title: str) -> Path:
     from sweeps.report import pyplot
 
     plt = pyplot()
-    figure, ax = plt.subplots(figsize=(8, 0.7 * len(results) + 1.6))
+    from matplotlib.lines import Line2D
+
+    figure, ax = plt.subplots(figsize=(10, 0.7 * len(results) + 1.8))
     positions = np.arange(len(results))[::-1]
     for y, result in zip(positions, results):
         low, high = result.ci95()
@@ -224,8 +231,12 @@ def plot_claims(results: list[ClaimResult], path: Path, title: str) -> Path:
         ax.plot(result.paper_effect, y, "D", color="black", markersize=5)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(positions, [f"{r.claim.name}\n({r.verdict})" for r in results], fontsize=8)
-    ax.set_xlabel("effect, accuracy points (dot: this sweep, 95% CI; black diamond: the paper, CIFAR-100)")
+    ax.set_xlabel("effect, accuracy points")
     ax.set_title(title, fontsize=10)
+    legend = [Line2D([], [], color=colour, marker="o", label=f"this sweep, 95% CI: {name}")
+              for name, colour in VERDICT_COLOURS.items()]
+    legend.append(Line2D([], [], color="black", marker="D", linestyle="", label="the paper (CIFAR-100)"))
+    ax.legend(handles=legend, fontsize=7, loc="best")
     ax.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

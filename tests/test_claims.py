@@ -86,7 +86,7 @@ def test_spec_names_the_bad_claim_key(change, message: str) -> None:
 def test_best_val_without_a_validation_split_is_one_line() -> None:
     data = study_dict()
     data["report"]["select"] = "best_val"
-    parse_spec(data, "study.yaml")  # the preset holds out 500 images
+    parse_spec(data, "study.yaml")  # the preset holds out 250 images
     del data["datasets"]["imagefolder"]["val_size"]
     with pytest.raises(BnewError, match=r"report.select: best_val needs a validation split; set data.val_size > 0") as error:
         parse_spec(data, "study.yaml")

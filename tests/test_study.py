@@ -63,6 +63,7 @@ def test_ci_sized_study_runs_on_ray_and_reports_every_claim(tmp_path: Path) -> N
     spec["name"] = "c10-study-ci"
     spec["axes"]["seed"] = [0]
     spec["datasets"]["imagefolder"]["val_size"] = 6  # of 30 training images
+    spec["base"]["batch_size"] = 8
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
     env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(
@@ -84,7 +85,7 @@ def test_ci_sized_study_runs_on_ray_and_reports_every_claim(tmp_path: Path) -> N
     (teacher,) = [run for run in runs if run.data.tags["bnew.stage"] == "teacher"]
     assert 0 <= teacher.data.metrics["final_test_acc_binary"] <= 100  # the teacher's own test accuracy
     quantised = [run for run in runs if run.data.tags["bnew.stage"] == "quantise"]
-    assert {run.data.params["data.test_limit"] for run in quantised} == {"2000"}
+    assert {run.data.params["data.test_limit"] for run in quantised} == {"1000"}
     assert all("val_acc_binary" in run.data.metrics for run in quantised)
 
     report = bnew("sweep", "report", "c10-study-ci", "--out", str(tmp_path / "report"), cwd=tmp_path, env=env)
