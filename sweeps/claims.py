@@ -180,7 +180,7 @@ def render_claims_markdown(results: list[ClaimResult], metric_note: str) -> str:
         p_text = "—" if math.isnan(result.p_value) else f"{result.p_value:.3g}"
         lines.append(
             f"| {result.claim.name} | {where_text(result.claim)} | {effect} | [{number(low)}, {number(high)}] | {p_text} | "
-            f"{number(result.paper_effect, 1)} | **{result.verdict}** | {cells} |"
+            f"{number(result.paper_effect, 1)} | **{result.verdict}** ({result.reason}) | {cells} |"
         )
     lines += [
         "",
@@ -230,7 +230,7 @@ def plot_claims(results: list[ClaimResult], path: Path, title: str) -> Path:
             ax.plot(result.effect, y, "o", color=colour)
         ax.plot(result.paper_effect, y, "D", color="black", markersize=5)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(positions, [f"{r.claim.name}\n({r.verdict})" for r in results], fontsize=8)
+    ax.set_yticks(positions, [f"{r.claim.name}\n{r.verdict} ({r.reason})" for r in results], fontsize=8)
     ax.set_xlabel("effect, accuracy points")
     ax.set_title(title, fontsize=10)
     legend = [Line2D([], [], color=colour, marker="o", label=f"this sweep, 95% CI: {name}")

@@ -688,11 +688,13 @@ def render_teachers_markdown(teachers: pd.DataFrame) -> str:
 
 
 def claim_results(results: pd.DataFrame, layout: ReportSpec) -> list[ClaimResult]:
-    """The spec's claims judged on the finished result runs (a re-run replaces its predecessor)."""
+    """The spec's claims judged on the finished result runs: one value per trained stage (a
+    re-run replaces its predecessor; roles sharing a stage, as capped budgets do, count once)."""
     if not layout.claims:
         return []
-    finished = (results[results.status == "FINISHED"].sort_values("start_time")
-                .drop_duplicates("run_name", keep="last"))
+    finished = results[results.status == "FINISHED"]
+    trained = finished.stage_key.where(finished.stage_key != "", finished.run_name)
+    finished = finished.assign(trained=trained).sort_values("start_time").drop_duplicates("trained", keep="last")
     axes = sorted({axis for claim in layout.claims for axis in claim.axes()})
     columns = finished.reindex(columns=[axis if axis in TRIAL_TAGS else f"param.{axis}" for axis in axes], fill_value="")
     frame = pd.DataFrame(columns.to_numpy(), columns=axes, index=finished.index).assign(value=finished.value)
