@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -94,10 +95,17 @@ def cluster() -> Iterator[dict[str, str]]:
     ports = {name: str(free_port()) for name in ("RAY_PORT", "DASHBOARD_PORT", "RAY_CLIENT_PORT", "MLFLOW_PORT", "PG_PORT")}
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WORKERS": "2", "CPUS_PER_NODE": "1",
            "MLFLOW_BACKEND": "postgres", "BNEW_STORAGE_PATH": str(state / "shared-storage"), **ports}
-    started = subprocess.run(["bash", str(REPO / "cluster" / "start_local.sh"), str(state)], env=env,
-                             capture_output=True, text=True, timeout=600)
     monkeypatch = pytest.MonkeyPatch()
     try:
+        # Its own process group: a timed-out start must not leave a `ray start` running past stop_local.sh.
+        starting = subprocess.Popen(["bash", str(REPO / "cluster" / "start_local.sh"), str(state)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = starting.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(starting.pid, signal.SIGKILL)
+            raise
+        started = subprocess.CompletedProcess(starting.args, starting.returncode, stdout, stderr)
         assert started.returncode == 0, started.stderr
         exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines())
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
