@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run
 
 from bnew_core.config import BnewError
+from sweeps.lineage import record_reused
 from sweeps.plan import Role, Stage, flatten_config
 
 MLFLOW_PARENT_TAG = "mlflow.parentRunId"
@@ -241,6 +242,7 @@ class Tracker:
         tags = {**self.trial_tags(parent_run_id, sweep, stage, role), REUSED_FROM_TAG: source.info.run_id}
         run_id = self.client.create_run(experiment_id, run_name=role.name, tags=tags).info.run_id
         self.log_params(run_id, stage.config)
+        record_reused(self.client, source, run_id, role)
         history = [
             metric
             for key in source.data.metrics
