@@ -149,6 +149,7 @@ SPEC_HELP = "Sweep spec YAML, or a preset name (see `bnew sweep list`)."
 MAX_EPOCHS_HELP = "Cap every stage's epochs (a dry run: capped stages get their own keys)."
 MAX_BATCHES_HELP = "Cap batches per epoch (a dry run, like --max-epochs)."
 YES_HELP = "Run a sweep of more than 1,000 trials."
+VERBOSE_HELP = "Tune's own progress tables and the workers' output on this console (default: the compact view)."
 ADDRESS_HELP = "Ray cluster to run on (ray://HOST:10001 or HOST:6379). Default: RAY_ADDRESS, a running local Ray, or a new one."
 
 
@@ -239,8 +240,14 @@ def report_outcome(outcome, plan, spec_arg: str) -> None:
     )
     for key in sorted(outcome.failed, key=lambda key: plan.stages[key].name):
         typer.echo(f"failed: {plan.stages[key].name} (stage {key})", err=True)
+    from sweeps.lineage import experiment_page
+    from sweeps.tracking import Tracker
+
     uri = plan.spec.resolved_tracking_uri()
-    browse = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1  (then http://127.0.0.1:5000)"
+    experiment_id = Tracker(uri).experiment_id(plan.spec.name, create=False)
+    server = uri if uri.startswith("http") else "http://127.0.0.1:5000"
+    page = experiment_page(server, experiment_id) if experiment_id else server
+    browse = page if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1  (then {page})"
     typer.echo(f"results: bnew sweep report {plan.spec.name}; bnew sweep status {plan.spec.name}; MLflow UI: {browse}")
     if outcome.interrupted:
         typer.echo(f"interrupted by {outcome.interrupted}: unfinished trials are marked KILLED", err=True)
@@ -291,6 +298,7 @@ def run(
     max_epochs: Optional[int] = typer.Option(None, help=MAX_EPOCHS_HELP),
     max_batches: Optional[int] = typer.Option(None, help=MAX_BATCHES_HELP),
     yes: bool = typer.Option(False, "--yes", help=YES_HELP),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ) -> None:
     """Train every stage of SPEC that MLflow has not finished yet, on Ray Tune, and record it."""
     if sum((address is not None, local, debug)) > 1:
@@ -298,7 +306,8 @@ def run(
     sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches, yes=yes)
     from sweeps.execute import run_sweep
 
-    execute_and_report(lambda: run_sweep(sweep_spec, sweep_plan, typer.echo, address=address, local=local, debug=debug),
+    execute_and_report(lambda: run_sweep(sweep_spec, sweep_plan, typer.echo, address=address, local=local, debug=debug,
+                                             verbose=verbose),
                        sweep_plan, spec)
 
 
@@ -310,6 +319,7 @@ def resume(
     max_epochs: Optional[int] = typer.Option(None, help="The --max-epochs the interrupted run used."),
     max_batches: Optional[int] = typer.Option(None, help="The --max-batches the interrupted run used."),
     yes: bool = typer.Option(False, "--yes", help=YES_HELP),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ) -> None:
     """Continue an interrupted sweep: unfinished and failed trials resume from their checkpoints.
 
@@ -319,7 +329,8 @@ def resume(
     sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches, yes=yes)
     from sweeps.execute import resume_sweep
 
-    execute_and_report(lambda: resume_sweep(sweep_spec, sweep_plan, typer.echo, address=address, local=local),
+    execute_and_report(lambda: resume_sweep(sweep_spec, sweep_plan, typer.echo, address=address, local=local,
+                                                verbose=verbose),
                        sweep_plan, spec)
 
 
@@ -328,17 +339,29 @@ def status(
     name: str = typer.Argument(..., help="Sweep name (the MLflow experiment), or a spec/preset to take the name and store from."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow store. Default: the spec's, or the local store."),
     top: int = typer.Option(10, help="How many of the best trials to show."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh the live view of running trials from MLflow until the sweep ends."),
+    interval: float = typer.Option(5.0, help="Seconds between refreshes with --watch."),
 ) -> None:
-    """Per-stage counts (pending, running, done, failed) and the best results so far, from MLflow."""
+    """Per-stage counts (pending, running, done, failed), failed trials' last log lines and the best
+    results so far, from MLflow (from any machine that reaches its server)."""
+    import textwrap
+
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    from sweeps.console import watch_sweep
     from sweeps.spec import SweepSpec, load_spec, preset_names
     from sweeps.status import STATES, sweep_status
 
+    if interval <= 0:
+        fail(f"--interval: must be positive, got {interval:g}")
     try:
         spec = load_spec(name) if Path(name).is_file() or name in preset_names() else SweepSpec(name=name)
-        result = sweep_status(spec.name, tracking_uri or spec.resolved_tracking_uri(), top)
+        uri = tracking_uri or spec.resolved_tracking_uri()
+        if watch:
+            watch_sweep(spec.name, uri, interval)
+        result = sweep_status(spec.name, uri, top)
     except BnewError as exc:
         fail(str(exc))
     console = Console()
@@ -362,6 +385,10 @@ def status(
         for trial in result.unfinished:
             unfinished.add_row(trial.name, trial.state, trial.error)
         console.print(unfinished)
+    for trial in result.unfinished:
+        if trial.log_tail:
+            console.print(f"last lines of {trial.name}'s log (logs/trial.log):", highlight=False)
+            console.print(Text(textwrap.indent(trial.log_tail, "  | ")), style="dim")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m sweeps.cli`

@@ -19,6 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,6 +31,8 @@ from bnew_core.callbacks import Callback, Metrics
 from bnew_core.checkpoint import CorruptCheckpointError, checksum_path, verify_checksum
 from bnew_core.config import BnewError
 from sweeps.interrupt import Interruption
+from sweeps import lineage, trial_log
+from sweeps.console import show_console
 from sweeps.plan import Plan, Stage, check_data_roots
 from sweeps.spec import SweepSpec, dump_spec
 from sweeps.storage import check_storage_reaches_every_node, experiment_uris
@@ -55,6 +58,8 @@ class SweepContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    source_tags: dict[str, str] = field(default_factory=dict)
+    """MLflow source tags of the driver (its git commit, command, user) for every trial run."""
 
 
 @dataclass
@@ -155,13 +160,15 @@ def execute_stage(
     callbacks: Sequence[Callback] = (),
     tags: dict[str, str] | None = None,
 ) -> None:
-    """Train one stage and record it: fetch input models from MLflow, train, log the run (with `tags`)."""
+    """Train one stage and record it: fetch input models from MLflow, train, log the run (with `tags`)
+    and `work_dir/trial.log` (where the caller captures the stage's output)."""
     from bnew_core.train import train
 
     tracker = Tracker(context.tracking_uri)
     role = stage.roles[0]
     run_id = tracker.open_trial_run(context.experiment_id, context.parent_run_id, context.sweep, stage, role)
     tracker.client.set_tag(run_id, "bnew.node", node_name())
+    log_path = work_dir / trial_log.LOG_NAME
     try:
         for tag, value in (tags or {}).items():
             tracker.client.set_tag(run_id, tag, value)
@@ -169,13 +176,21 @@ def execute_stage(
             field_name: tracker.download_model(key, work_dir / "inputs" / field_name)
             for field_name, key in stage.inputs.items()
         }
+        input_runs = {field_name: tracker.finished_stages([key])[key].info.run_id for field_name, key in stage.inputs.items()}
+        lineage.record_trial(tracker.client, run_id, stage, role, context.source_tags, input_runs)
         config = stage.trial_config(work_dir / "output", input_paths)
         logger = MlflowEpochLogger(tracker, run_id)
         result = train(config, [logger, *callbacks], resume_from=resume_from)
         logger.close()
+        lineage.log_final_model(tracker.client, context.experiment_id, run_id, result.model_path,
+                                int(result.final_metrics["epoch"]), stage.phase)
+        trial_log.upload(tracker.client, run_id, log_path, failed=False)
         tracker.finish_trial(run_id, result.output_dir, result.final_metrics)
     except BaseException as exc:
+        trial_log.append(log_path, traceback.format_exc())  # the log's last lines: the failure's story
         with contextlib.suppress(Exception):  # MLflow may be the thing that is down
+            trial_log.upload(tracker.client, run_id, log_path, failed=True)
+        with contextlib.suppress(Exception):
             # Not an Exception: KeyboardInterrupt or SystemExit, the trial was stopped from outside.
             tracker.fail_trial(run_id, f"{type(exc).__name__}: {exc}", killed=not isinstance(exc, Exception))
         raise
@@ -209,7 +224,8 @@ def tune_trial(config: dict[str, Any]) -> None:
         tags = {CHECKPOINT_CORRUPT_TAG: "; ".join(corrupt)[:4000]} if corrupt else {}
         reporter = TuneReporter(stage.name, first_attempt=checkpoint is None)
         try:
-            execute_stage(stage, context, Path(work_dir), resume_from, [reporter], tags)
+            with trial_log.capture_output(Path(work_dir) / trial_log.LOG_NAME, tee=False):
+                execute_stage(stage, context, Path(work_dir), resume_from, [reporter], tags)
         except BnewError as exc:  # recorded FAILED by execute_stage; a retry would fail the same way
             tune.report({STAGE_FAILED: True, "bnew_error": str(exc)})
 
@@ -312,16 +328,20 @@ def check_cluster_settings(spec: SweepSpec, address: str | None) -> None:
         )
 
 
-def start_ray(address: str | None, local: bool, log: Log) -> None:
-    """Connect to (or with `local`, start) Ray once per process."""
+def start_ray(address: str | None, local: bool, log: Log, verbose: bool = False) -> None:
+    """Connect to (or with `local`, start) Ray once per process.
+
+    Workers' output stays in their trial logs unless `verbose` (then it streams here too)."""
     import ray
 
     if ray.is_initialized():
         return
+    if not verbose:  # the console prints each failure's reason; its traceback is in the trial's log
+        os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     if local:
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
-    else:
-        ray.init(address=address, logging_level="WARNING")  # None: RAY_ADDRESS, a running cluster, or a new one
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=verbose)
+    else:  # None: RAY_ADDRESS, a running cluster, or a new one
+        ray.init(address=address, logging_level="WARNING", log_to_driver=verbose)
     log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
 
 
@@ -331,7 +351,7 @@ def trainable(spec: SweepSpec) -> Any:
     return tune.with_resources(tune_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
-def sweep_tuner(spec: SweepSpec, stages: list[Stage], done: set[str], context: SweepContext) -> Any:
+def sweep_tuner(spec: SweepSpec, stages: list[Stage], done: set[str], context: SweepContext, verbose: bool = False) -> Any:
     """A Tuner for `stages` (a new Tune experiment under the sweep's storage folder)."""
     from ray import tune
 
@@ -345,7 +365,7 @@ def sweep_tuner(spec: SweepSpec, stages: list[Stage], done: set[str], context: S
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=tune_run_config(spec, time.strftime("%Y%m%d-%H%M%S")),
+        run_config=tune_run_config(spec, time.strftime("%Y%m%d-%H%M%S"), verbose),
     )
 
 
@@ -354,8 +374,11 @@ def tune_storage(spec: SweepSpec) -> str:
     return f"{spec.resolved_storage_path().rstrip('/')}/{spec.name}"
 
 
-def tune_run_config(spec: SweepSpec, name: str) -> Any:
+def tune_run_config(spec: SweepSpec, name: str, verbose: bool = False) -> Any:
+    """`verbose`: Tune's own progress tables; otherwise `sweeps.console` shows the sweep."""
     from ray import tune
+
+    from sweeps.console import TuneEvents
 
     return tune.RunConfig(
         name=name,
@@ -365,7 +388,8 @@ def tune_run_config(spec: SweepSpec, name: str) -> Any:
         # 10 s apart, about 5% of the driver's time) and forces one when a trial has registered
         # num_to_keep checkpoints since the last: rare at the spec's checkpoint interval.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        verbose=1,
+        verbose=1 if verbose else 0,
+        callbacks=[TuneEvents()],
     )
 
 
@@ -375,7 +399,8 @@ def run_in_process(stages: list[Stage], context: SweepContext, work_root: Path, 
         log(f"[{index}/{len(stages)}] {stage.name} ({stage.phase}, {stage.epochs} epochs)")
         work_dir = work_root / stage.name.replace("/", "_")
         shutil.rmtree(work_dir, ignore_errors=True)  # a debug run starts each stage afresh
-        execute_stage(stage, context, work_dir)
+        with trial_log.capture_output(work_dir / trial_log.LOG_NAME, tee=True):  # breakpoints keep the terminal
+            execute_stage(stage, context, work_dir)
 
 
 def open_sweep(spec: SweepSpec, plan: Plan, log: Log) -> tuple[Tracker, SweepContext, SweepOutcome]:
@@ -385,7 +410,9 @@ def open_sweep(spec: SweepSpec, plan: Plan, log: Log) -> tuple[Tracker, SweepCon
     parent_run_id = tracker.open_sweep_run(experiment_id, spec.name, dump_spec(spec))
     for tag, value in plan.caps_tags().items():
         tracker.client.set_tag(parent_run_id, tag, value)
-    context = SweepContext(spec.name, tracker.uri, experiment_id, parent_run_id)
+    source_tags = lineage.driver_source_tags(lineage.driver_command())
+    lineage.record_sweep(tracker.client, experiment_id, parent_run_id, spec.description, source_tags)
+    context = SweepContext(spec.name, tracker.uri, experiment_id, parent_run_id, source_tags)
     runs_by_key = tracker.stage_runs(list(plan.stages), tracker.trial_runs(experiment_id))
     finished = tracker.finished_stages(list(plan.stages), runs_by_key)
     for key in finished:
@@ -403,6 +430,7 @@ def run_sweep(
     local: bool = False,
     debug: bool = False,
     restore: str | None = None,
+    verbose: bool = False,
 ) -> SweepOutcome:
     """Train every stage of `plan` that MLflow does not have finished yet; with `restore`, first
     continue that Tune experiment (its unfinished and errored trials, from their checkpoints)."""
@@ -413,14 +441,16 @@ def run_sweep(
     pending = [stage for key, stage in plan.stages.items() if key not in outcome.reused]
     log(f"{len(outcome.reused)} stages reused, {len(pending)} to train ({plan.epochs({s.key for s in pending})} epochs)")
     interruption = Interruption()
+    console = None
     try:
         if pending and debug:
             run_in_process(pending, context, Path(tune_storage(spec)) / "debug", log)
         elif pending:
             from ray import tune
 
-            start_ray(address, local, log)
+            start_ray(address, local, log, verbose)
             check_storage_reaches_every_node(tune_storage(spec))
+            console = show_console(pending, outcome.reused, verbose)
             done = set(outcome.reused)
             if restore is not None:
                 log(f"resuming Tune experiment {restore}")
@@ -428,11 +458,13 @@ def run_sweep(
                 done |= set(tracker.finished_stages([stage.key for stage in pending]))
             missing = [stage for stage in pending if stage.key not in done]
             if missing:
-                interruption.fit(sweep_tuner(spec, missing, done, context))
+                interruption.fit(sweep_tuner(spec, missing, done, context, verbose))
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's SIGTERM handler, outside Tune
         interruption.signal_name = interruption.signal_name or "SIGINT"
         raise
     finally:
+        if console is not None:
+            console.close()
         outcome.interrupted = interruption.signal_name
         finish(tracker, context, outcome, pending)
     return outcome
@@ -453,7 +485,9 @@ def finish(tracker: Tracker, context: SweepContext, outcome: SweepOutcome, pendi
     tracker.finish_sweep_run(context.parent_run_id, len(outcome.failed) + len(outcome.not_run), outcome.interrupted)
 
 
-def resume_sweep(spec: SweepSpec, plan: Plan, log: Log, address: str | None = None, local: bool = False) -> SweepOutcome:
+def resume_sweep(
+    spec: SweepSpec, plan: Plan, log: Log, address: str | None = None, local: bool = False, verbose: bool = False
+) -> SweepOutcome:
     """Continue the latest Tune experiment of the sweep (unfinished and errored trials resume from
     their checkpoints), then run whatever stages are still missing."""
     from ray import tune
@@ -462,4 +496,5 @@ def resume_sweep(spec: SweepSpec, plan: Plan, log: Log, address: str | None = No
     restorable = [uri for uri in experiment_uris(storage) if tune.Tuner.can_restore(uri)]
     if not restorable:
         log(f"no Tune experiment of {spec.name!r} under {storage} to restore; running the missing stages")
-    return run_sweep(spec, plan, log, address=address, local=local, restore=restorable[-1] if restorable else None)
+    return run_sweep(spec, plan, log, address=address, local=local, restore=restorable[-1] if restorable else None,
+                     verbose=verbose)

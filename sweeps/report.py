@@ -17,6 +17,7 @@ import json
 import math
 import re
 import tempfile
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -154,7 +155,9 @@ def failed_trials(sweep: SweepRuns) -> pd.DataFrame:
     trials = sweep.trials
     finished_keys = set(trials.loc[trials.status == "FINISHED", "stage_key"]) - {""}
     failed = trials[(trials.status == "FAILED") & ~trials.stage_key.isin(finished_keys)]
-    return failed[["run_name", "grid", "stage", "optimiser", "ablation", "seed", "error"]].reset_index(drop=True)
+    # log_tail: the last lines of the trial's log (sweeps.trial_log), where it recorded them
+    failed = failed.assign(log_tail=failed["log_tail"] if "log_tail" in failed else "")
+    return failed[["run_name", "grid", "stage", "optimiser", "ablation", "seed", "error", "log_tail"]].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- tables
@@ -535,6 +538,7 @@ def render_failed_markdown(failed: pd.DataFrame) -> str:
         return "No failed trials.\n"
     items = [
         f"- `{trial.run_name}` ({trial.stage}): {trial.error or 'no error recorded'}"
+        + (f"\n\n  ```\n{textwrap.indent(trial.log_tail, '  ')}\n  ```\n" if trial.log_tail else "")
         for trial in failed.itertuples()
     ]
     return "\n".join([f"## Failed trials ({len(failed)})", "", *items, ""])

@@ -7,10 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import yaml
+from mlflow.entities import Run
 
 from bnew_core.config import BnewError
 from sweeps.plan import Plan, build_plan
 from sweeps.spec import parse_spec
+from sweeps.trial_log import TAIL_TAG
 from sweeps.tracking import RUN_STATUS_TO_STATE, Tracker, stage_state, store_exists
 
 STATES = ("pending", "running", "done", "failed", "interrupted")
@@ -32,6 +34,8 @@ class UnfinishedTrial:
     name: str
     state: str
     error: str
+    log_tail: str = ""
+    """The last lines of its log (`sweeps.trial_log`)."""
 
 
 @dataclass
@@ -41,6 +45,10 @@ class SweepStatus:
     """Phase -> state -> number of stages."""
     best: list[TrialScore]
     unfinished: list[UnfinishedTrial]
+    runs: dict[str, list[Run]]
+    """Stage key -> its trial runs, newest first."""
+    sweep_run_status: str
+    """MLflow status of the parent run: RUNNING while a driver runs the sweep."""
 
 
 def sweep_status(name: str, tracking_uri: str, top: int = 10) -> SweepStatus:
@@ -70,9 +78,11 @@ def sweep_status(name: str, tracking_uri: str, top: int = 10) -> SweepStatus:
     ]
     best = sorted(scores, key=lambda score: -score.test_acc_binary)[:top]
     unfinished = [
-        UnfinishedTrial(run.info.run_name, RUN_STATUS_TO_STATE[run.info.status], run.data.tags.get("bnew.error", ""))
+        UnfinishedTrial(run.info.run_name, RUN_STATUS_TO_STATE[run.info.status], run.data.tags.get("bnew.error", ""),
+                        run.data.tags.get(TAIL_TAG, ""))
         for key in plan.stages
         if stage_state(runs_by_key[key]) in ("failed", "interrupted")
         for run in runs_by_key[key][:1]  # the newest
     ]
-    return SweepStatus(plan=plan, counts=counts, best=best, unfinished=unfinished)
+    return SweepStatus(plan=plan, counts=counts, best=best, unfinished=unfinished, runs=runs_by_key,
+                       sweep_run_status=parent.info.status)
