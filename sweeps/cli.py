@@ -240,14 +240,9 @@ def report_outcome(outcome, plan, spec_arg: str) -> None:
     )
     for key in sorted(outcome.failed, key=lambda key: plan.stages[key].name):
         typer.echo(f"failed: {plan.stages[key].name} (stage {key})", err=True)
-    from sweeps.lineage import experiment_page
-    from sweeps.tracking import Tracker
+    from sweeps.lineage import ui_hint
 
-    uri = plan.spec.resolved_tracking_uri()
-    experiment_id = Tracker(uri).experiment_id(plan.spec.name, create=False)
-    server = uri if uri.startswith("http") else "http://127.0.0.1:5000"
-    page = experiment_page(server, experiment_id) if experiment_id else server
-    browse = page if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1  (then {page})"
+    browse = ui_hint(plan.spec.resolved_tracking_uri(), plan.spec.name)
     typer.echo(f"results: bnew sweep report {plan.spec.name}; bnew sweep status {plan.spec.name}; MLflow UI: {browse}")
     if outcome.interrupted:
         typer.echo(f"interrupted by {outcome.interrupted}: unfinished trials are marked KILLED", err=True)

@@ -141,7 +141,7 @@ class SweepView:
         parts = []
         for phase, by_state in self.counts().items():
             total = sum(by_state.values())
-            extra = ", ".join(f"{by_state[s]} {s}" for s in ("running", "failed") if by_state[s])
+            extra = ", ".join(f"{by_state[s]} {s}" for s in ("running", "failed", "interrupted") if by_state[s])
             parts.append(f"{phase} {by_state['done']}/{total}" + (f" ({extra})" if extra else ""))
         reused = f"; {self.reused} reused" if self.reused else ""
         return f"{'; '.join(parts)}{reused}; sweep eta {duration(self.sweep_eta(now))}"

@@ -49,6 +49,20 @@ def experiment_page(server_url: str, experiment_id: str) -> str:
     return f"{server_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
+def ui_hint(tracking_uri: str, experiment_name: str) -> str:
+    """Where to see the sweep: its experiment page on the server, or how to serve a local store."""
+    from sweeps.tracking import Tracker
+
+    server = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    experiment_id = None
+    with contextlib.suppress(Exception):  # only a link: a server gone by now must not hide the outcome
+        experiment_id = Tracker(tracking_uri).experiment_id(experiment_name, create=False)
+    page = experiment_page(server, experiment_id) if experiment_id else server
+    if tracking_uri.startswith("http"):
+        return page
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1  (then {page})"
+
+
 def driver_source_tags(command: str) -> dict[str, str]:
     """MLflow's source tags for this driver process: its command, user and the git commit of
     the code it runs (computed once here, passed to every trial in the sweep context)."""
