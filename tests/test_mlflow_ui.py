@@ -135,8 +135,9 @@ def test_compare_view_plots_the_axes_as_parallel_coordinates(demo, server, page,
     plot.get_by_text("Parameters:").wait_for()
     close_assistant(page)
     selects = plot.locator(".du-bois-light-select")
-    for item in selects.locator(".du-bois-light-select-selection-item").all():  # defaults: replace them
-        item.locator(".du-bois-light-select-selection-item-remove").click()
+    chosen = selects.locator(".du-bois-light-select-selection-item")
+    while chosen.count():  # MLflow's default choices: replace them
+        chosen.first.locator(".du-bois-light-select-selection-item-remove").click()
     for select, keys in ((selects.nth(0), ["axis.optimiser", "axis.seed"]), (selects.nth(1), ["test_acc_binary"])):
         for key in keys:
             select.click()
