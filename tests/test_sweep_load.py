@@ -1,8 +1,7 @@
 """The sweep service at a scaled-down load, on a real loopback cluster: a Ray head with two Ray
 worker nodes and an `mlflow server` on PostgreSQL (cluster/start_local.sh). Sweeps of N and 2N
 one-epoch trials each record every trial exactly once, and the MLflow requests a trial costs,
-counted in the server's own access log, stay within what one trial needs and do not grow with
-the number of trials (the 300-trial figures: `python -m bench.sweep_load`, bench/RESULTS.md).
+counted in the server's own access log, do not grow with the number of trials (the 300-trial figures: `python -m bench.sweep_load`, bench/RESULTS.md).
 
 A cluster, not `--local`: the lookups under test go through the tracking server, as on a real
 cluster, and the server's access log is what counts them."""
