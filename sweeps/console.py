@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -258,7 +259,10 @@ def show_console(stages: list[Stage], reused: set[str], verbose: bool) -> SweepC
 def error_reason(trial: Any) -> str:
     """The last line of the trial's error (the exception and its message)."""
     try:
-        error = trial.get_error()
+        # Tune writes the error beside the trial on the driver just before this callback and
+        # copies it to the storage (which `get_error` reads) only later.
+        local = Path(trial.error_file) if trial.error_file else None
+        error = local.read_text() if local is not None and local.is_file() else trial.get_error()
     except Exception:  # the error file may be gone or unreadable; the state still counts
         error = None
     lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]

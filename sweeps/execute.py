@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -338,6 +339,8 @@ def start_ray(address: str | None, local: bool, log: Log, verbose: bool = False)
         return
     if not verbose:  # the console prints each failure's reason; its traceback is in the trial's log
         os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+        # Tune's closing "ERROR ... Trials did not complete" repeats the console's FAILED lines.
+        logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
     if local:
         ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=verbose)
     else:  # None: RAY_ADDRESS, a running cluster, or a new one
@@ -450,10 +453,11 @@ def run_sweep(
 
             start_ray(address, local, log, verbose)
             check_storage_reaches_every_node(tune_storage(spec))
+            if restore is not None:  # said before the console takes stdout
+                log(f"resuming Tune experiment {restore}")
             console = show_console(pending, outcome.reused, verbose)
             done = set(outcome.reused)
             if restore is not None:
-                log(f"resuming Tune experiment {restore}")
                 interruption.fit(tune.Tuner.restore(restore, trainable(spec), resume_errored=True))
                 done |= set(tracker.finished_stages([stage.key for stage in pending]))
             missing = [stage for stage in pending if stage.key not in done]

@@ -222,7 +222,7 @@ def test_output_to_a_file_is_plain_lines_with_the_failure_reason_and_its_log(tmp
 
     report = render_failed_markdown(failed_trials(load_sweep(f"sqlite:///{tmp_path / '.bnew' / 'mlflow.db'}", "plain")))
     assert "- `plain/ste/baseline/seed0` (quantise): RuntimeError: BNEW_SWEEP_FAULT" in report
-    assert "    RuntimeError: BNEW_SWEEP_FAULT: injected failure after epoch 0" in report
+    assert "\n  RuntimeError: BNEW_SWEEP_FAULT: injected failure after epoch 0\n  ```" in report  # the log's tail, fenced
 
 
 def test_view_counts_stages_and_estimates_from_measured_epoch_times() -> None:

@@ -93,7 +93,9 @@ def test_quantise_trials_link_their_pretrain_and_teacher_runs(swept) -> None:
     assert tags["bnew.pretrain_run_id"] == pretrain.info.run_id and tags["bnew.teacher_run_id"] == teacher.info.run_id
 
 
-def test_logged_model_loads_with_the_logits_of_model_pt_and_the_log_is_an_artifact(swept, tmp_path: Path) -> None:
+def test_logged_model_loads_with_the_logits_of_model_pt_and_the_log_is_an_artifact(
+    swept, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     client, _ = swept
     trial = runs_by_name(client)["lineage/bnew/baseline/seed0"]
     run_id = trial.info.run_id
@@ -103,7 +105,8 @@ def test_logged_model_loads_with_the_logits_of_model_pt_and_the_log_is_an_artifa
     assert {metric.key for metric in logged.metrics} >= {"test_acc_binary", "loss"}
     assert next(m.value for m in logged.metrics if m.key == "test_acc_binary") == trial.data.metrics["test_acc_binary"]
 
-    mlflow.set_tracking_uri(client.tracking_uri)
+    # Not mlflow.set_tracking_uri: it also sets MLFLOW_TRACKING_URI for the rest of the test session.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     network = mlflow.pytorch.load_model(f"models:/{logged.model_id}").eval()
     trainer_model = load_trainer_model(Path(client.download_artifacts(run_id, "model.pt", str(tmp_path))))
     images = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))

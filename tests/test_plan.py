@@ -14,7 +14,7 @@ from sweeps.spec import load_spec, parse_spec
 SEEDS = 5
 
 
-def test_paper_table2_counts_match_the_method_grid() -> None:
+def test_paper_table2_counts_match_the_method_grid(tmp_path, monkeypatch) -> None:
     plan = build_plan(load_spec("paper-table2"))
     # 12 ablation rows x {STE, BNEW}, minus R_l1 and R_l2 with STE: 22 quantise trials per seed.
     quantise = (12 * 2 - 2) * SEEDS
@@ -32,6 +32,9 @@ def test_paper_table2_counts_match_the_method_grid() -> None:
     assert len(plan.trial_roles()) == quantise + real == 115
     assert plan.epochs() == 200 * (quantise + real + pretrain + teacher)
 
+    # `plan` checks the dataset root (data/cifar100 under BNEW_DATA_DIR) exists.
+    (tmp_path / "data" / "cifar100").mkdir(parents=True)
+    monkeypatch.setenv("BNEW_DATA_DIR", str(tmp_path))
     result = CliRunner().invoke(app, ["sweep", "plan", "paper-table2", "--no-lookup"])
     assert result.exit_code == 0, result.output
     assert "115 trials, 50 prerequisites; 33000 trial-epochs" in result.output
