@@ -4,8 +4,10 @@ API (the dashboard, `http://HEAD:8265`), so a laptop can submit, disconnect, and
 
 What travels with the job (its `runtime_env`): the spec, validated here, as YAML in the env var
 `BNEW_SWEEP_SPEC` (so the cluster runs exactly the spec checked here, also for a preset; the job
-writes it to a file and runs `bnew sweep run FILE`), the MLflow tracking URI, the debug caps, and
-how long the driver may take to record its runs after `stop`. Not a `working_dir`: Ray 2.60
+writes it to a file and runs `bnew sweep run FILE`), the MLflow tracking URI as the cluster's
+nodes reach it (`--tracking-uri`; a laptop behind an SSH tunnel reaches the same server at
+another address, which is the one it uses for the experiment link), the debug caps, and how long
+the driver may take to record its runs after `stop`. Not a `working_dir`: Ray 2.60
 fetches a job's working_dir afresh when its driver calls `ray.init`, deleting the directory the
 driver runs in. The project's code does not travel: it comes from the package installed on the
 cluster's nodes (the image of `cluster/Dockerfile`, or `pip install` on each node). Trials
@@ -136,6 +138,29 @@ def entrypoint(command: str, sweep: str, max_epochs: int | None, max_batches: in
             f'exec {" ".join(parts)}')
 
 
+def is_loopback(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    host = urlparse(url if "://" in url else f"http://{url}").hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def cluster_tracking_uri(here: str, given: str | None, address: str) -> str:
+    """The tracking URI the job's nodes use: `--tracking-uri`, else the one used here. A loopback
+    URI is only right when the cluster is this machine too (behind a tunnel, `localhost:5000`
+    here is the tunnel's end, not the server the nodes reach)."""
+    from sweeps.tracking import is_local_uri
+
+    uri = given or here
+    if is_local_uri(uri):
+        fail(f"tracking_uri: {uri} is a store on this machine; a submitted sweep logs from the cluster, "
+             "so set MLFLOW_TRACKING_URI (or the spec's tracking_uri) to its MLflow server")
+    if not given and is_loopback(uri) and not is_loopback(address):
+        fail(f"--tracking-uri: {uri} names this machine but the cluster at {address} is another; "
+             "give the MLflow address its nodes reach (e.g. --tracking-uri http://mlflow:5000)")
+    return uri
+
+
 def experiment_url(tracking_uri: str, sweep: str) -> str:
     """The MLflow UI page of the sweep's experiment (created now if it does not exist yet)."""
     from sweeps.tracking import Tracker
@@ -150,6 +175,7 @@ def submit(
     max_epochs: Optional[int] = typer.Option(None, help="Cap every stage's epochs (a dry run)."),
     max_batches: Optional[int] = typer.Option(None, help="Cap batches per epoch (a dry run)."),
     resume: bool = typer.Option(False, "--resume", help="Run `bnew sweep resume` (continue Tune's checkpoints) instead of `run`."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow as the cluster's nodes reach it (http://mlflow:5000). Default: the tracking URI used here, which must then not be this machine's."),
     data_dir: Optional[str] = typer.Option(None, help="BNEW_DATA_DIR for the job: the cluster's folder that relative dataset roots are read from. Default: the nodes' BNEW_DATA_DIR."),
     follow: bool = typer.Option(False, "--follow", help="Stream the driver's log until the job ends."),
 ) -> None:
@@ -161,16 +187,14 @@ def submit(
 
     from sweeps.cli import load_sweep_plan
     from sweeps.spec import dump_spec
-    from sweeps.tracking import is_local_uri
 
     sweep_spec, _ = load_sweep_plan(spec, max_epochs, max_batches, on_this_machine=False)  # paths: the cluster's
-    tracking_uri = sweep_spec.resolved_tracking_uri()
-    if is_local_uri(tracking_uri):
-        fail(f"tracking_uri: {tracking_uri} is a store on this machine; a submitted sweep logs from the cluster, "
-             "so set MLFLOW_TRACKING_URI (or the spec's tracking_uri) to its MLflow server")
+    here_uri = sweep_spec.resolved_tracking_uri()
+    job_uri = cluster_tracking_uri(here_uri, tracking_uri, api_address(address))
     client = job_client(address)
     check_versions(client)
-    env_vars = {SPEC_ENV: dump_spec(sweep_spec), "MLFLOW_TRACKING_URI": tracking_uri,
+    job_spec = sweep_spec.model_copy(update={"tracking_uri": job_uri}) if sweep_spec.tracking_uri else sweep_spec
+    env_vars = {SPEC_ENV: dump_spec(job_spec), "MLFLOW_TRACKING_URI": job_uri,
                 "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S), "PYTHONUNBUFFERED": "1"}
     if data_dir:
         env_vars["BNEW_DATA_DIR"] = data_dir
@@ -179,14 +203,14 @@ def submit(
         entrypoint=entrypoint("resume" if resume else "run", sweep_spec.name, max_epochs, max_batches),
         submission_id=job_id,
         runtime_env={"env_vars": env_vars},
-        metadata={KIND_KEY: "sweep", SWEEP_KEY: sweep_spec.name, "bnew.tracking_uri": tracking_uri,
+        metadata={KIND_KEY: "sweep", SWEEP_KEY: sweep_spec.name, "bnew.tracking_uri": job_uri,
                   "bnew.version": local_versions()["bnew-sweep"]},
     )
     typer.echo(f"submitted job {job_id} (sweep {sweep_spec.name})")
     try:
-        typer.echo(f"MLflow: {experiment_url(tracking_uri, sweep_spec.name)}")
+        typer.echo(f"MLflow: {experiment_url(here_uri, sweep_spec.name)}")
     except MlflowException as exc:
-        typer.echo(f"MLflow: experiment {sweep_spec.name!r} at {tracking_uri} (not reachable from here: "
+        typer.echo(f"MLflow: experiment {sweep_spec.name!r} at {here_uri} (not reachable from here: "
                    f"{str(exc).splitlines()[0][:120]})")
     typer.echo(f"follow: bnew sweep logs {job_id} --follow | status: bnew sweep status {sweep_spec.name} | "
                f"stop: bnew sweep stop {job_id} | all: bnew sweep jobs")

@@ -62,6 +62,20 @@ def test_submit_refuses_a_tracking_store_on_this_machine(tmp_path: Path) -> None
     assert result.stderr.startswith("error: tracking_uri: sqlite:///") and result.stderr.count("\n") == 1
 
 
+def test_a_loopback_tracking_uri_is_not_sent_to_another_machine(tmp_path: Path) -> None:
+    """Behind an SSH tunnel the laptop's `localhost:5000` is not the server the cluster's nodes reach."""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "HOME": str(tmp_path),
+           "MLFLOW_TRACKING_URI": "http://localhost:5000"}
+    result = bnew("sweep", "submit", "demo", "--address", "http://10.255.255.1:8265", env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: --tracking-uri: http://localhost:5000 names this machine but the cluster "
+                                    "at http://10.255.255.1:8265 is another")
+    from sweeps.submission import cluster_tracking_uri
+
+    assert cluster_tracking_uri("http://localhost:5000", "http://mlflow:5000", "http://head:8265") == "http://mlflow:5000"
+    assert cluster_tracking_uri("http://127.0.0.1:5000", None, "http://127.0.0.1:8265") == "http://127.0.0.1:5000"
+
+
 def test_missing_dataset_root_is_one_line_before_ray_starts(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({"name": "nodata", "axes": {"dataset": ["imagefolder"], "optimiser": ["ste"]},
