@@ -161,11 +161,21 @@ def log_final_model(client: MlflowClient, experiment_id: str, run_id: str, model
                     phase: str) -> str:
     """The trial's final network as an MLflow logged model of the run, linked to the run's
     metrics of its last epoch `step` (logged again with the model id and their own timestamps,
-    as `mlflow.<flavor>.log_model` links them: the store keeps one value). Returns its id."""
+    as `mlflow.<flavor>.log_model` links them: the store keeps one value). Returns its id.
+
+    The model turns READY last, once linked, so a retried trial (its run failed after this, or
+    during it) keeps a READY model of its run and logs none again: one final model per run."""
     import mlflow.pytorch
     import torch
     from mlflow.models import Model
 
+    earlier = client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'")
+    ready = [model for model in earlier if model.status == LoggedModelStatus.READY]
+    if ready:
+        return ready[0].model_id
+    for unfinished in earlier:  # its upload or linking was cut short
+        client.delete_logged_model(unfinished.model_id)
     model = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id,
                                        model_type=f"bnew-{phase}", tags={"bnew.model_file": "model.pt"})
     with tempfile.TemporaryDirectory() as directory:
@@ -179,7 +189,6 @@ def log_final_model(client: MlflowClient, experiment_id: str, run_id: str, model
                                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                                       serialization_format="pickle")
         client.log_model_artifacts(model.model_id, str(local))
-    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
     linked = [
         Metric(metric.key, metric.value, metric.timestamp, metric.step, run_id=run_id, model_id=model.model_id)
@@ -188,4 +197,5 @@ def log_final_model(client: MlflowClient, experiment_id: str, run_id: str, model
         if metric.step == step and metric.model_id is None
     ]
     client.log_batch(run_id, metrics=linked)
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     return model.model_id

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from sweeps.lineage import load_trainer_model
+from sweeps.lineage import load_trainer_model, log_final_model
 
 SPEC = """\
 name: lineage
@@ -115,3 +115,9 @@ def test_logged_model_loads_with_the_logits_of_model_pt_and_the_log_is_an_artifa
 
     log = Path(client.download_artifacts(run_id, "logs/trial.log", str(tmp_path))).read_text()
     assert log.startswith("--- ") and "pid" in log.splitlines()[0]
+
+    # A retry of the trial (its run failed after the model was logged) logs no second model.
+    model_pt = Path(client.download_artifacts(run_id, "model.pt", str(tmp_path / "retry")))
+    assert log_final_model(client, trial.info.experiment_id, run_id, model_pt, model_output.step, "quantise") == logged.model_id
+    assert len(client.get_run(run_id).outputs.model_outputs) == 1
+    assert len(client.search_logged_models([trial.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")) == 1
