@@ -1,8 +1,9 @@
 """Where a sweep's results come from, in MLflow's own terms, so its UI can show and compare them:
-the experiment kind (training runs, not the GenAI overview), axes as params (the compare and
-parallel-coordinates views plot params only), source tags (commit, command, user), the spec's
-description as the parent run's note, the dataset as a run input, every trial's final network
-as an MLflow logged model, and the runs a trial took its input models from.
+the experiment kind and a link that opens its training runs (not the GenAI overview), axes as
+params (the compare and parallel-coordinates views plot params only), source tags (commit,
+command, user), the spec's description as the parent run's note, the dataset as a run input,
+every trial's final network as an MLflow logged model, and the runs a trial took its input
+models from.
 
 Everything goes through an explicit `MlflowClient`, like `sweeps.tracking`."""
 
@@ -25,7 +26,9 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, 
 from sweeps.plan import Role, Stage
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-"""Read by MLflow 3's UI to choose the experiment's landing page."""
+"""The experiment's kind, as MLflow's UI sets it from its kind selector. MLflow 3.17.2's UI
+does not read it for the landing page (see `experiment_page`); the tag still says what the
+experiment holds."""
 TRAINING_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
 AXIS_PARAM_PREFIX = "axis."
@@ -43,9 +46,12 @@ DATA_SOURCES = {"digits": "sklearn.datasets.load_digits", "synthetic": "bnew_cor
 
 
 def experiment_page(server_url: str, experiment_id: str) -> str:
-    """The experiment's runs in MLflow's UI. MLflow 3.17's UI picks the page from its GenAI /
-    Model training switch (this URL parameter, then the browser's last choice), not from the
-    experiment kind tag, so the link names the workflow."""
+    """The experiment's runs in MLflow's UI. MLflow 3.17.2's UI picks an experiment's landing
+    page from its GenAI / Machine learning switch only: the `workflowType` URL parameter, else
+    the browser's last choice (localStorage `mlflow.workflowType_v1`), else GenAI. It reads the
+    kind tag only when that switch is disabled, which the 3.17.2 bundle never does, and no server
+    setting exists: a bare experiment URL in a new browser opens the GenAI overview, so the link
+    names the workflow."""
     return f"{server_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 

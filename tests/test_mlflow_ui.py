@@ -1,13 +1,12 @@
 """The demo sweep (shortened) against a real `mlflow server`, looked at in MLflow's own UI in
-headless Chromium: the experiment opens on its runs table with the nested trial runs under
-their readable names, their dataset, source and model; the compare view plots the axes as
-parallel coordinates. Set BNEW_SCREENSHOT_DIR to keep the screenshots (docs/img/)."""
+headless Chromium: the link the run prints opens the experiment on its runs table with the
+nested trial runs under their readable names, their dataset, source and model; the compare view
+plots the axes as parallel coordinates. Set BNEW_SCREENSHOT_DIR to keep the screenshots (docs/img/)."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from typing import Iterator
 import pytest
 from mlflow import MlflowClient
 
+from servers import free_port, stop
+from sweeps.lineage import experiment_page
 from sweeps.plan import build_plan
 from sweeps.spec import load_spec
 
@@ -26,12 +27,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +51,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 time.sleep(1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +63,11 @@ def demo(server: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[MlflowC
     result = subprocess.run([sys.executable, "-m", "sweeps.cli", "sweep", "run", "demo", "--debug", "--max-epochs", "1",
                              "--max-batches", "2"], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"{server}/#/experiments/" in result.stdout  # where to look, printed by the run
     client = MlflowClient(server)
-    return client, client.get_experiment_by_name("demo").experiment_id
+    experiment_id = client.get_experiment_by_name("demo").experiment_id
+    link = experiment_page(server, experiment_id)
+    assert link in result.stdout  # where to look, printed by the run
+    return client, experiment_id
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +96,7 @@ def close_assistant(page) -> None:
 def test_experiment_page_lists_the_nested_runs_with_dataset_source_and_model(demo, server, page, tmp_path) -> None:
     client, experiment_id = demo
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
-    page.goto(f"{server}/#/experiments/{experiment_id}?workflowType=machine_learning")
+    page.goto(experiment_page(server, experiment_id))  # the link the run printed
     page.get_by_text("matching runs").wait_for()
     main = page.locator("main")
     main.get_by_role("link", name="demo", exact=True).wait_for()

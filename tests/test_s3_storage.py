@@ -21,17 +21,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from servers import free_port, stop
+
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 BUCKET = "sweeps"
 BUDGET = 16
 """Quantise epochs (~0.3 s each on a quiet CPU): the driver is killed after the first two."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for(condition, timeout: float, what: str, poll: float = 0.3):
@@ -63,11 +59,7 @@ def s3_env(tmp_path: Path):
         client.create_bucket(Bucket=BUCKET)
         yield env, client
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server, timeout=30)
         log.close()
 
 
