@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-long bench
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -17,6 +17,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest
+
+test-long: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -m long
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench

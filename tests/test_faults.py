@@ -247,6 +247,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         subprocess.run(["bash", str(REPO / "cluster" / "stop_local.sh"), str(state)], env=env, timeout=120)
 
 
+@pytest.mark.long
 def test_killed_driver_resumes_and_a_corrupted_checkpoint_falls_back(cluster: Cluster, tmp_path: Path) -> None:
     """(b) the driver SIGKILLed mid-sweep, then (e) the newest checkpoint of a trial truncated."""
     import torch
@@ -296,6 +297,7 @@ def test_killed_driver_resumes_and_a_corrupted_checkpoint_falls_back(cluster: Cl
            resume_s, "kill -9 <driver>; bnew sweep resume SPEC --max-batches 2 (RAY_ADDRESS: loopback cluster)")
 
 
+@pytest.mark.long
 def test_a_lost_worker_node_costs_no_metrics(cluster: Cluster, tmp_path: Path) -> None:
     """(a) a worker node's raylet and its trial processes SIGKILLed mid-sweep."""
     budget, lrs = EPOCHS_TO_INTERRUPT, [0.01, 0.02]

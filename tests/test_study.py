@@ -57,6 +57,7 @@ def bnew(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_ci_sized_study_runs_on_ray_and_reports_every_claim(tmp_path: Path) -> None:
     extract_few(shared_archive(), tmp_path / "data" / "cifar10")
     spec = yaml.safe_load((PRESET_DIR / "cifar10-cpu-study.yaml").read_text())

@@ -35,7 +35,7 @@ def requests_one_trial_needs(spec: dict) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="not yet seen passing in the CI budget here (issue 10 note); run it by hand")
+@pytest.mark.long
 @pytest.mark.skipif(shutil.which("su") is None or not Path("/usr/lib/postgresql").is_dir(),
                     reason="needs Debian's postgresql package")
 def test_every_trial_recorded_once_and_requests_per_trial_do_not_grow(tmp_path: Path) -> None:
