@@ -342,6 +342,8 @@ def start_ray(address: str | None, local: bool, log: Log, verbose: bool = False)
         # Tune's closing "ERROR ... Trials did not complete" repeats the console's FAILED lines.
         logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
     if local:
+        # A Ray only this driver uses, on loopback: its token-auth advice is not the user's business.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=verbose)
     else:  # None: RAY_ADDRESS, a running cluster, or a new one
         ray.init(address=address, logging_level="WARNING", log_to_driver=verbose)
