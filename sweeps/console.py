@@ -278,6 +278,9 @@ class TuneEvents(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         for console in ACTIVE:
+            with console.view.lock:  # a stage planned after the view (a tuned cell's repeat of its best params)
+                console.view.stages.setdefault(stage_key(trial), SweepView.of_stages([Stage.from_dict(trial.config["stage"])])
+                                               .stages[stage_key(trial)])
             done = trial.last_result.get("epoch") if trial.last_result else None
             console.started(stage_key(trial), 0 if done is None else int(done) + 1)
 

@@ -38,6 +38,7 @@ from sweeps.plan import Plan, Stage, check_data_roots
 from sweeps.spec import SweepSpec, dump_spec
 from sweeps.storage import check_storage_reaches_every_node, experiment_uris
 from sweeps.tracking import Tracker, is_local_uri
+from sweeps.tuning import run_cells, tuned_cells
 
 FAULT_ENV = "BNEW_SWEEP_FAULT"
 """Test hook: `PATTERN@EPOCH[:exit]` makes the first attempt of every trial whose run name
@@ -350,10 +351,10 @@ def start_ray(address: str | None, local: bool, log: Log, verbose: bool = False)
     log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
 
 
-def trainable(spec: SweepSpec) -> Any:
+def trainable(spec: SweepSpec, function: Callable[[dict[str, Any]], None] = tune_trial) -> Any:
     from ray import tune
 
-    return tune.with_resources(tune_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    return tune.with_resources(function, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
 def sweep_tuner(spec: SweepSpec, stages: list[Stage], done: set[str], context: SweepContext, verbose: bool = False) -> Any:
@@ -443,14 +444,16 @@ def run_sweep(
     if not debug:
         check_cluster_settings(spec, address)
     tracker, context, outcome = open_sweep(spec, plan, log)
-    pending = [stage for key, stage in plan.stages.items() if key not in outcome.reused]
+    cells = tuned_cells(plan)  # searched after the stage graph's Tuner (sweeps.tuning says why)
+    templates = {template.key for cell in cells for template in cell.templates}
+    pending = [stage for key, stage in plan.stages.items() if key not in outcome.reused and key not in templates]
     log(f"{len(outcome.reused)} stages reused, {len(pending)} to train ({plan.epochs({s.key for s in pending})} epochs)")
     interruption = Interruption()
     console = None
     try:
         if pending and debug:
             run_in_process(pending, context, Path(tune_storage(spec)) / "debug", log)
-        elif pending:
+        elif pending or cells:
             from ray import tune
 
             start_ray(address, local, log, verbose)
@@ -465,6 +468,7 @@ def run_sweep(
             missing = [stage for stage in pending if stage.key not in done]
             if missing:
                 interruption.fit(sweep_tuner(spec, missing, done, context, verbose))
+            run_cells(spec, cells, tracker, context, interruption, log, verbose)
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's SIGTERM handler, outside Tune
         interruption.signal_name = interruption.signal_name or "SIGINT"
         raise

@@ -157,7 +157,8 @@ def param_applies(key: str, optimiser: str) -> bool:
 def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     """The crossed axes, minus exclusions, plus inclusions, without duplicates."""
     axes: dict[str, list[Any]] = {axis: getattr(spec.axes, axis) for axis in FIXED_AXES}
-    axes.update(spec.axes.param_values())
+    tuned = spec.tuned_params()  # searched per cell while the sweep runs (sweeps.tuning)
+    axes.update({key: values for key, values in spec.axes.param_values().items() if key not in tuned})
     points = [dict(zip(axes, combo)) for combo in product(*axes.values())]
     points = [point for point in points if not any(selector.matches(point) for selector in spec.exclude)]
     for selector in spec.include:

@@ -150,6 +150,20 @@ def load_sweep(tracking_uri: str | None, sweep: str) -> SweepRuns:
     return SweepRuns(tracking_uri, sweep, parent_run_id, spec, trials)
 
 
+def tuning_searches(sweep: SweepRuns) -> str:
+    """The Markdown of the sweep's searches (`sweeps.tuning`), if it tuned; its tables then keep,
+    per tuned cell, only the runs of the best params."""
+    from sweeps import tuning
+    from sweeps.spec import parse_spec
+
+    if not sweep.spec.get("search"):
+        return ""
+    spec = parse_spec(sweep.spec, f"{sweep.name}/spec.yaml")
+    summaries = tuning.summarise(sweep.trials, spec)
+    sweep.trials = tuning.best_runs_only(sweep.trials, spec)
+    return tuning.render_markdown(summaries, spec.search.metric) if summaries else ""
+
+
 def failed_trials(sweep: SweepRuns) -> pd.DataFrame:
     """FAILED trials that no later finished run of the same stage key replaced, with their error."""
     trials = sweep.trials
@@ -741,6 +755,7 @@ def write_report(
     if fmt not in FORMAT_SUFFIX:
         raise ReportError(f"unknown format {fmt!r}: expected one of {sorted(FORMAT_SUFFIX)}")
     sweep = load_sweep(tracking_uri, sweep_name)
+    searches = tuning_searches(sweep)
     layout = report_layout(sweep, select)
     results = result_trials(sweep, layout)
     tables = build_tables(sweep, compare_to, layout, results)
@@ -752,6 +767,8 @@ def write_report(
     out_dir = Path(out_dir or Path("reports") / sweep_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = render(tables, failed, fmt, sweep_name, claims, teacher_runs(sweep))
+    if searches and fmt == "md":
+        text += "\n" + searches
     table_path = out_dir / f"report.{FORMAT_SUFFIX[fmt]}"
     table_path.write_text(text)
     files = [table_path]

@@ -135,20 +135,24 @@ class SearchSpace(StrictModel):
             raise ValueError(f"loguniform: bounds must be positive, got {self.loguniform[0]}")
         return self
 
-    def values(self) -> list[Any]:
-        """The drawn values, via Ray Tune's own samplers."""
-        import numpy as np
+    def domain(self) -> Any:
+        """The distribution as Ray Tune's search space (what its searchers sample)."""
         from ray import tune
 
         if self.uniform is not None:
-            domain = tune.uniform(*self.uniform)
-        elif self.loguniform is not None:
-            domain = tune.loguniform(*self.loguniform)
-        elif self.randint is not None:
-            domain = tune.randint(*self.randint)
-        else:
-            domain = tune.choice(self.choice)
-        drawn = domain.sample(size=self.samples, random_state=np.random.RandomState(self.seed))
+            return tune.uniform(*self.uniform)
+        if self.loguniform is not None:
+            return tune.loguniform(*self.loguniform)
+        if self.randint is not None:
+            return tune.randint(*self.randint)
+        return tune.choice(self.choice)
+
+    def values(self) -> list[Any]:
+        """The drawn values, via Ray Tune's own samplers."""
+        import numpy as np
+
+        drawn = self.domain().sample(size=self.samples, random_state=np.random.RandomState(self.seed))
+        drawn = drawn if self.samples > 1 else [drawn]  # Tune returns one value unlisted
         return [value.item() if hasattr(value, "item") else value for value in drawn]
 
 
@@ -333,6 +337,42 @@ class ReportSpec(StrictModel):
         return metric
 
 
+class SearchSettings(StrictModel):
+    """How the `axes.params` search spaces are searched, per cell of the grid (each optimiser,
+    ablation, dataset, budget and distillation point).
+
+    `grid` and `random` cross the params at plan time (lists as given, search spaces drawn
+    `samples` times each); `optuna` tunes each cell with Ray Tune's `OptunaSearch`, `samples`
+    trials per cell, on the cell's first seed (the other seeds repeat its best params)."""
+
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    metric: str = "val_acc_binary"
+    """The epoch metric the search optimises; a validation metric, never the test set's."""
+    mode: Literal["max", "min"] = "max"
+    samples: int = Field(10, gt=0)
+    """Trials per cell (optuna)."""
+
+    @field_validator("metric")
+    @classmethod
+    def _tunable_metric(cls, metric: str) -> str:
+        if metric not in EPOCH_METRICS:
+            raise ValueError(f"{metric!r} is not a metric the trainer reports ({', '.join(EPOCH_METRICS)})")
+        if metric.startswith("test_"):
+            raise ValueError(f"{metric!r} is measured on the test set; tune on val_acc_binary")
+        return metric
+
+
+class SchedulerSettings(StrictModel):
+    """Early stopping of tuned final stages by Ray Tune's `ASHAScheduler` (`asha`) or
+    `MedianStoppingRule` (`median`), on `search.metric` per epoch."""
+
+    name: Literal["asha", "median"] = "asha"
+    grace_epochs: int = Field(1, gt=0)
+    """Epochs every trial trains before it may be stopped."""
+    reduction_factor: float = Field(3.0, gt=1)
+    """ASHA: the share of trials kept at each rung is 1/reduction_factor."""
+
+
 class SweepSpec(StrictModel):
     """A whole sweep: the grid, the trainer settings, and where it runs and is recorded."""
 
@@ -366,6 +406,10 @@ class SweepSpec(StrictModel):
     """MLflow tracking URI. Default `sqlite:///<project>/.bnew/mlflow.db`; on a cluster an
     `http(s)://` server (`mlflow server --serve-artifacts`), so workers never log to local paths."""
     report: ReportSpec | None = None
+    search: SearchSettings | None = None
+    """Tuning of the `axes.params` search spaces (default: the plan crosses them, as `grid`)."""
+    scheduler: SchedulerSettings | None = None
+    """Early stopping of the tuned final stages (needs `search.algorithm: optuna`)."""
 
     @field_validator("name")
     @classmethod
@@ -404,7 +448,26 @@ class SweepSpec(StrictModel):
             if self.report.select == "best_val" and not self.has_validation_split():
                 raise ValueError("report.select: best_val needs a validation split; set data.val_size > 0 "
                                  "(base.data.val_size or datasets.<name>.val_size)")
+        self._check_search()
         return self
+
+    def _check_search(self) -> None:
+        if self.scheduler is not None and (self.search is None or self.search.algorithm != "optuna"):
+            raise ValueError("scheduler: early stopping needs search.algorithm: optuna")
+        if self.search is None:
+            return
+        if not self.has_validation_split():
+            raise ValueError(f"search: tuning on {self.search.metric} needs a validation split, never the test set; "
+                             "set data.val_size > 0 (base.data.val_size or datasets.<name>.val_size)")
+        if self.search.algorithm == "optuna" and not self.tuned_params():
+            raise ValueError("search.algorithm: optuna needs a search space in axes.params "
+                             "(e.g. optimiser.lambda_rate: {loguniform: [0.01, 10], samples: 1})")
+
+    def tuned_params(self) -> dict[str, SearchSpace]:
+        """The `axes.params` search spaces that Optuna tunes per cell (none unless `search.algorithm` is optuna)."""
+        if self.search is None or self.search.algorithm != "optuna":
+            return {}
+        return {key: space for key, space in self.axes.params.items() if isinstance(space, SearchSpace)}
 
     def has_validation_split(self) -> bool:
         """Whether base, the final phases or any dataset settings hold out validation images."""

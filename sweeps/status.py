@@ -13,9 +13,11 @@ from bnew_core.config import BnewError
 from sweeps.plan import Plan, build_plan
 from sweeps.spec import parse_spec
 from sweeps.trial_log import TAIL_TAG
-from sweeps.tracking import RUN_STATUS_TO_STATE, Tracker, stage_state, store_exists
+from sweeps.tracking import RUN_STATUS_TO_STATE, STOPPED_EARLY_TAG, Tracker, stage_state, store_exists
+from sweeps.tuning import CELL_TAG, tuned_cells
 
-STATES = ("pending", "running", "done", "failed", "interrupted")
+STATES = ("pending", "running", "done", "failed", "interrupted", "stopped")
+"""`stopped`: a tuned trial a scheduler stopped early (not a failure)."""
 PHASES = ("teacher", "pretrain", "quantise", "real")
 
 
@@ -67,9 +69,16 @@ def sweep_status(name: str, tracking_uri: str, top: int = 10) -> SweepStatus:
     plan = build_plan(spec, f"{name}/spec.yaml", **caps)
     sweep_runs = tracker.trial_runs(experiment_id)
     runs_by_key = tracker.stage_runs(list(plan.stages), sweep_runs)
-    counts = {phase: dict.fromkeys(STATES, 0) for phase in PHASES if plan.of_phase(phase)}
+    templates = {template.key for cell in tuned_cells(plan) for template in cell.templates}  # searched, not run
+    counts = {phase: dict.fromkeys(STATES, 0) for phase in PHASES
+              if any(stage.key not in templates for stage in plan.of_phase(phase))}
     for key, stage in plan.stages.items():
-        counts[stage.phase][stage_state(runs_by_key[key])] += 1
+        if key not in templates:
+            counts[stage.phase][stage_state(runs_by_key[key])] += 1
+    for run in sweep_runs:  # the searches' trials, one row per tuned phase
+        if CELL_TAG in run.data.tags:
+            state = "stopped" if STOPPED_EARLY_TAG in run.data.tags else RUN_STATUS_TO_STATE.get(run.info.status, "failed")
+            counts.setdefault(f"tuned {run.data.tags['bnew.stage']}", dict.fromkeys(STATES, 0))[state] += 1
     scores = [
         TrialScore(run.info.run_name, run.info.status, run.data.metrics["test_acc_binary"],
                    int(run.data.metrics.get("epoch", -1)))

@@ -21,6 +21,8 @@ from sweeps.plan import Role, Stage, flatten_config
 MLFLOW_PARENT_TAG = "mlflow.parentRunId"
 REUSED_FROM_TAG = "bnew.reused_from"
 """On a trial run that did not train: the run id of the run that trained its stage."""
+STOPPED_EARLY_TAG = "bnew.stopped_early"
+"""On a tuned trial's KILLED run: a Tune scheduler (ASHA, median) stopped it before its budget."""
 LOCAL_SCHEMES = ("sqlite", "file", "")
 RUN_STATUS_TO_STATE = {"FINISHED": "done", "RUNNING": "running", "SCHEDULED": "running", "FAILED": "failed", "KILLED": "interrupted"}
 
@@ -180,7 +182,7 @@ class Tracker:
     def open_trial_run(self, experiment_id: str, parent_run_id: str, sweep: str, stage: Stage, role: Role) -> str:
         """The trial's run: a retry or a rerun of the sweep continues the unfinished one."""
         for run in self.runs_of_stage(stage.key, [experiment_id]):
-            same_role = run.info.run_name == role.name and REUSED_FROM_TAG not in run.data.tags
+            same_role = run.info.run_name == role.name and not {REUSED_FROM_TAG, STOPPED_EARLY_TAG} & set(run.data.tags)
             if same_role and run.info.status != "FINISHED":
                 self.client.update_run(run.info.run_id, status="RUNNING")
                 if "bnew.error" in run.data.tags:

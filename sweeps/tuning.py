@@ -1,0 +1,379 @@
+"""Tuning the final stages: per cell of the grid (optimiser, ablation, dataset, budget,
+distillation), Ray Tune's `OptunaSearch` suggests the `axes.params` search spaces and its
+`ASHAScheduler` or `MedianStoppingRule` stops weak trials early (`search`, `scheduler` in the spec).
+
+The sweep's own Tuner cannot host this: its search algorithm is `StageScheduler`, which releases
+the stage graph, and one Tuner has one searcher and one scheduler, while each cell needs its own
+search (its own study) and the scheduler must never stop a teacher or a pretrain. So the stage
+graph's Tuner first trains the prerequisites as before, then each cell gets a Tuner of its own
+(one Tune experiment per cell under `<storage>/<sweep>/tuning/`, restored with its searcher
+state when it exists, so an interrupted search continues and never reruns a finished trial).
+The search runs on the cell's first seed; the other seeds repeat its best params as ordinary
+stages. A trial is a stage like any other (content key, MLflow run, checkpoints, retries); one a
+scheduler stopped ends KILLED with the tag `bnew.stopped_early`, and is never reused."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ray.tune import Callback
+
+from bnew_core.config import build_trial_config
+from sweeps.plan import FINAL_PHASES, RUN_SPECIFIC_FIELDS, Plan, Role, Stage, deep_merge, param_applies, stage_key
+from sweeps.spec import SweepSpec
+from sweeps.tracking import STOPPED_EARLY_TAG, Tracker
+
+CELL_TAG = "bnew.cell"
+"""On every trial of a tuned cell (its search trials and its repeats): the cell's label."""
+TUNING_FOLDER = "tuning"
+"""Beside the sweep's Tune experiments: one experiment per tuned cell (never taken for the sweep's)."""
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TunedCell:
+    """A point of the grid without its seed and its tuned params: one search."""
+
+    label: str
+    """Its final stages' run name without the seed (`demo/bnew/baseline/budget4`)."""
+    templates: list[Stage]
+    """The plan's final stage per seed (tuned params at their settings' value), first seed first."""
+
+    @property
+    def experiment_name(self) -> str:
+        return f"{self.label.replace('/', '_')}-{self.templates[0].key[:8]}"
+
+
+def tuned_cells(plan: Plan) -> list[TunedCell]:
+    """The plan's final stages that a search tunes, by cell."""
+    tuned = plan.spec.tuned_params()
+    cells: dict[str, TunedCell] = {}
+    for stage in plan.stages.values():
+        optimiser = stage.roles[0].tags["bnew.optimiser"]
+        if stage.phase in FINAL_PHASES and any(param_applies(key, optimiser) for key in tuned):
+            label = stage.name.rpartition("/seed")[0]
+            cells.setdefault(label, TunedCell(label, [])).templates.append(stage)
+    return list(cells.values())
+
+
+def cell_params(spec: SweepSpec, template: Stage) -> list[str]:
+    optimiser = template.roles[0].tags["bnew.optimiser"]
+    return [key for key in spec.tuned_params() if param_applies(key, optimiser)]
+
+
+def tuned_stage(template: Stage, params: dict[str, Any], label: str) -> Stage:
+    """The template's stage with `params` (dotted keys) set: its own content key, run name and tags."""
+    layer: dict[str, Any] = {}
+    for key, value in params.items():
+        section, _, leaf = key.partition(".")
+        layer = deep_merge(layer, {section: {leaf: value}} if leaf else {key: value})
+    placeholders = {field_name: f"inputs/{field_name}/model.pt" for field_name in template.inputs}
+    config = build_trial_config({**deep_merge(template.config, layer), **placeholders}, template.name)
+    stored = config.model_dump(mode="json", exclude=set(RUN_SPECIFIC_FIELDS))
+    shown = "/".join(f"{key.rpartition('.')[2]}={value:.4g}" if isinstance(value, float) else
+                     f"{key.rpartition('.')[2]}={value}" for key, value in params.items())
+    tags = {**template.roles[0].tags, CELL_TAG: label, **{f"bnew.param.{key}": str(v) for key, v in params.items()}}
+    return Stage(key=stage_key(stored, template.inputs), phase=template.phase, config=stored,
+                 inputs=dict(template.inputs), roles=[Role(name=f"{template.name}/{shown}", tags=tags)])
+
+
+def trial_stage(config: dict[str, Any]) -> Stage:
+    """The stage a tuning trial trains, from its Tune config."""
+    return tuned_stage(Stage.from_dict(config["template"]), config["params"], config["cell"])
+
+
+def tuning_trial(config: dict[str, Any]) -> None:
+    """The Tune function trainable of a search: the suggested stage, run as any other stage."""
+    from sweeps.execute import tune_trial
+
+    tune_trial({"stage": trial_stage(config).to_dict(), "sweep": config["sweep"]})
+
+
+def epochs_run(result: dict[str, Any] | None) -> int:
+    return int((result or {}).get("epoch", -1)) + 1
+
+
+class StoppedEarly(Callback):
+    """Marks the MLflow run of a trial the scheduler stopped before its budget: KILLED, with the tag
+    `bnew.stopped_early`, and prints one line (stateless: Tune pickles its callbacks)."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, scheduler: str):
+        self.tracking_uri, self.experiment_id, self.scheduler = tracking_uri, experiment_id, scheduler
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from sweeps.console import ACTIVE
+        from sweeps.execute import STAGE_FAILED
+
+        stage, done = trial_stage(trial.config), epochs_run(trial.last_result)
+        value = (trial.last_result or {}).get(trial.config["metric"])
+        if (trial.last_result or {}).get(STAGE_FAILED):
+            return
+        if done < stage.epochs:
+            mark_stopped(Tracker(self.tracking_uri), self.experiment_id, stage, done, self.scheduler)
+        what = "done   " if done >= stage.epochs else f"stopped by {self.scheduler} after {done} epochs:"
+        for console in ACTIVE:
+            console.line(f"{what} {stage.name}  {trial.config['metric']} {value}")
+
+
+def mark_stopped(tracker: Tracker, experiment_id: str, stage: Stage, done: int, scheduler: str) -> None:
+    for run in tracker.runs_of_stage(stage.key, [experiment_id]):
+        if run.info.status != "FINISHED":
+            tracker.client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, f"{scheduler}: after {done} of {stage.epochs} epochs")
+            tracker.fail_trial(run.info.run_id, f"stopped early by {scheduler} after {done} of {stage.epochs} epochs",
+                               killed=True)
+
+
+def trial_scheduler(spec: SweepSpec, budget: int) -> Any:
+    """Tune's own scheduler for the spec's `scheduler` (None: every trial runs its budget).
+
+    Neither may stop a trial at its last epoch (it reports before it records its run)."""
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    settings = spec.scheduler
+    if settings is None:
+        return None
+    if settings.name == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=budget, grace_period=min(settings.grace_epochs, budget),
+                             reduction_factor=settings.reduction_factor, stop_last_trials=False)
+    return MedianStoppingRule(time_attr="training_iteration", grace_period=settings.grace_epochs)
+
+
+def cell_tuner(spec: SweepSpec, cell: TunedCell, context: Any, verbose: bool) -> Any:
+    """The cell's Tuner: restored with its searcher's state if its experiment exists, else new."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.execute import trainable, tune_run_config, tune_storage
+
+    trainable_fn = trainable(spec, tuning_trial)
+    path = f"{tune_storage(spec)}/{TUNING_FOLDER}/{cell.experiment_name}"
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable_fn, resume_unfinished=True, resume_errored=True)
+    search = spec.search
+    template = cell.templates[0]
+    searcher = OptunaSearch(metric=search.metric, mode=search.mode, seed=spec.axes.seed[0])
+    max_concurrent = spec.max_concurrent or max(1, int(available_cpus() // spec.resources.cpu))
+    run_config = tune_run_config(spec, cell.experiment_name, verbose)
+    run_config.storage_path = f"{tune_storage(spec)}/{TUNING_FOLDER}"
+    run_config.callbacks = [StoppedEarly(context.tracking_uri, context.experiment_id,
+                                         spec.scheduler.name if spec.scheduler else "")]
+    return tune.Tuner(
+        trainable_fn,
+        param_space={
+            "template": template.to_dict(), "sweep": asdict(context), "cell": cell.label, "metric": search.metric,
+            "params": {key: spec.tuned_params()[key].domain() for key in cell_params(spec, template)},
+        },
+        tune_config=tune.TuneConfig(
+            metric=search.metric, mode=search.mode, num_samples=search.samples,
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+            scheduler=trial_scheduler(spec, template.epochs),
+            trial_name_creator=lambda trial: trial_stage(trial.config).name,
+            trial_dirname_creator=lambda trial: f"{cell.experiment_name[:40]}_{trial.trial_id}",
+        ),
+        run_config=run_config,
+    )
+
+
+def available_cpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("CPU", 1.0)
+
+
+def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context: Any, interruption: Any,
+              log: Log, verbose: bool) -> None:
+    """Search every cell (one after the other), record each search's history on the parent run,
+    then train the other seeds with each cell's best params."""
+    from sweeps.execute import sweep_tuner
+    from sweeps.report import load_sweep
+
+    repeats: list[Stage] = []
+    for cell in cells:
+        tuner = cell_tuner(spec, cell, context, verbose)
+        interruption.fit(tuner)
+        if interruption.signal_name is not None:  # Tune saved the search; its running trials are stopped
+            runs = {run.info.run_id: [run] for run in tracker.trial_runs(context.experiment_id)
+                    if run.data.tags.get(CELL_TAG) == cell.label}
+            tracker.kill_running_trials(context.experiment_id, runs,
+                                        f"interrupted ({interruption.signal_name}); `bnew sweep resume` continues it")
+            return
+        results = tuner.get_results()
+        template = cell.templates[0]
+        for result in results:
+            if result.error is None and epochs_run(result.metrics) < template.epochs:  # the callback's mark, again:
+                mark_stopped(tracker, context.experiment_id, trial_stage(result.config), epochs_run(result.metrics),
+                             spec.scheduler.name if spec.scheduler else "")  # the stopped actor may have written since
+        trials = load_sweep(tracker.uri, spec.name).trials
+        record_search(tracker, context.parent_run_id, trials, cell, spec)
+        best = best_params(trials, cell, spec)
+        if best is None:
+            log(f"{cell.label}: no trial of the search finished its budget")
+            continue
+        repeats += [tuned_stage(other, best, cell.label) for other in cell.templates[1:]]
+    finished = tracker.finished_stages([stage.key for stage in repeats])
+    missing = [stage for stage in repeats if stage.key not in finished]
+    if missing:
+        interruption.fit(sweep_tuner(spec, missing, {key for stage in missing for key in stage.inputs.values()},
+                                     context, verbose))
+
+
+# --- what the searches left in MLflow ---------------------------------------------------------
+@dataclass
+class CellSearch:
+    """A cell's search, read from MLflow."""
+
+    cell: str
+    trials: int
+    """Search trials with a run (the best params' repeats on other seeds not counted)."""
+    stopped: int
+    failed: int
+    best_params: dict[str, str]
+    best_val: float | None
+    best_test: float | None
+
+
+def search_trials(trials: Any, cell: str, first_seed: int) -> Any:
+    """The rows of the report's trial frame (`sweeps.report.load_sweep`) that are `cell`'s search:
+    its first seed's tuned runs."""
+    column = CELL_TAG.removeprefix("bnew.")
+    if column not in trials:
+        return trials.iloc[0:0]
+    return trials[(trials[column] == cell) & (trials["seed"] == str(first_seed))]
+
+
+def summarise(trials: Any, spec: SweepSpec) -> list[CellSearch]:
+    """Per cell: how many trials ran, were stopped and failed, and the best finished trial's params,
+    validation (`search.metric`) and test accuracy."""
+    column = CELL_TAG.removeprefix("bnew.")
+    if column not in trials or spec.search is None:
+        return []
+    metric, sign = spec.search.metric, 1 if spec.search.mode == "max" else -1
+    summaries = []
+    for cell in sorted(set(trials[column]) - {""}):
+        search = search_trials(trials, cell, spec.axes.seed[0])
+        finished = search[(search["status"] == "FINISHED") & search["metrics"].map(lambda m: metric in m)]
+        best = None if finished.empty else finished.loc[finished["metrics"].map(lambda m: sign * m[metric]).idxmax()]
+        stopped_column = STOPPED_EARLY_TAG.removeprefix("bnew.")
+        summaries.append(CellSearch(
+            cell=cell, trials=len(search), stopped=int((search[stopped_column] != "").sum()) if stopped_column in search else 0,
+            failed=int((search["status"] == "FAILED").sum()),
+            best_params={} if best is None else {key.removeprefix("param."): best[key] for key in best.index
+                                                 if key.startswith("param.") and best[key] != ""},
+            best_val=None if best is None else best["metrics"][metric],
+            best_test=None if best is None else best["metrics"].get("test_acc_binary"),
+        ))
+    return summaries
+
+
+def best_runs_only(trials: Any, spec: SweepSpec) -> Any:
+    """The trial frame without the search trials that are not their cell's best (the report's
+    tables then hold, per cell, the best params on every seed)."""
+    column = CELL_TAG.removeprefix("bnew.")
+    if column not in trials or spec.search is None:
+        return trials
+    keep = trials[column] == ""
+    for summary in summarise(trials, spec):
+        in_cell = trials[column] == summary.cell
+        for key, value in summary.best_params.items():
+            in_cell &= trials[f"param.{key}"] == value
+        keep |= in_cell
+    return trials[keep]
+
+
+def render_markdown(summaries: list[CellSearch], metric: str) -> str:
+    lines = ["## Tuning", "", f"| cell | best params | {metric} | test_acc_binary | trials | stopped early | failed |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for s in summaries:
+        params = ", ".join(f"{key}={value}" for key, value in s.best_params.items()) or "-"
+        val = "-" if s.best_val is None else f"{s.best_val:.2f}"
+        test = "-" if s.best_test is None else f"{s.best_test:.2f}"
+        lines.append(f"| {s.cell} | {params} | {val} | {test} | {s.trials} | {s.stopped} | {s.failed} |")
+    return "\n".join(lines) + "\n"
+
+
+def best_params(trials: Any, cell: TunedCell, spec: SweepSpec) -> dict[str, Any] | None:
+    """The tuned params of the cell's best finished search trial, as the report reads them."""
+    summary = next((s for s in summarise(trials, spec) if s.cell == cell.label), None)
+    if summary is None or summary.best_val is None:
+        return None
+    return {key: type_of(spec, key)(summary.best_params[key]) for key in cell_params(spec, cell.templates[0])}
+
+
+def type_of(spec: SweepSpec, key: str) -> Callable[[str], Any]:
+    space = spec.tuned_params()[key]
+    if space.randint is not None:
+        return int
+    if space.choice is not None:
+        return lambda text: next(value for value in space.choice if str(value) == text)
+    return float
+
+
+def record_search(tracker: Tracker, parent_run_id: str, trials: Any, cell: TunedCell, spec: SweepSpec) -> None:
+    """The search's history on the sweep's parent run: every trial's params, metric, epochs run and
+    state (`tuning/<cell>/trials.csv`), the Optuna study's own `trials_dataframe` where Tune saved
+    the searcher's state on this machine, and one PNG per tuned param of the metric against it."""
+    import pandas as pd
+
+    from sweeps.report import pyplot
+
+    metric = spec.search.metric
+    search = search_trials(trials, cell.label, spec.axes.seed[0])
+    stopped_column = STOPPED_EARLY_TAG.removeprefix("bnew.")
+    frame = pd.DataFrame({
+        "run": search["run_name"], "status": search["status"],
+        "stopped_early": search[stopped_column] != "" if stopped_column in search else False,
+        "epochs": search["metrics"].map(lambda m: int(m.get("epoch", -1)) + 1),
+        metric: search["metrics"].map(lambda m: m.get(metric)),
+        "test_acc_binary": search["metrics"].map(lambda m: m.get("test_acc_binary")),
+        **{key: search[f"param.{key}"].map(type_of(spec, key)) for key in cell_params(spec, cell.templates[0])},
+    })
+    folder = f"tuning/{cell.label.replace('/', '_')}"
+    tracker.client.log_text(parent_run_id, frame.to_csv(index=False), f"{folder}/trials.csv")
+    study = optuna_study_frame(spec, cell)
+    if study is not None:
+        tracker.client.log_text(parent_run_id, study.to_csv(index=False), f"{folder}/optuna_study.csv")
+    plt = pyplot()
+    for key in cell_params(spec, cell.templates[0]):
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        for stopped, marker in ((False, "o"), (True, "x")):
+            shown = frame[frame["stopped_early"] == stopped]
+            axis.scatter(shown[key], shown[metric], marker=marker,
+                         label="stopped early (its last epoch)" if stopped else "full budget")
+        if spec.tuned_params()[key].loguniform is not None:
+            axis.set_xscale("log")
+        axis.set(xlabel=key, ylabel=metric)
+        axis.set_title(cell.label, fontsize=9)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100)
+        plt.close(figure)
+        tracker.client.log_image(parent_run_id, _png(buffer), f"{folder}/{key}.png")
+
+
+def _png(buffer: io.BytesIO) -> Any:
+    from PIL import Image
+
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
+def optuna_study_frame(spec: SweepSpec, cell: TunedCell) -> Any:
+    """Optuna's `trials_dataframe` of the cell's study, from the searcher state Tune saved in the
+    experiment folder (a local storage only)."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.execute import tune_storage
+
+    folder = Path(f"{tune_storage(spec)}/{TUNING_FOLDER}/{cell.experiment_name}")
+    if "://" in str(folder) or not list(folder.glob("searcher-state-*.pkl")):
+        return None
+    limiter = ConcurrencyLimiter(OptunaSearch(), max_concurrent=1)
+    limiter.restore_from_dir(str(folder))
+    return limiter.searcher._ot_study.trials_dataframe()  # the study Tune's OptunaSearch keeps
