@@ -124,13 +124,18 @@ class MlflowEpochLogger(Callback):
 class TuneReporter(Callback):
     """Per-epoch metrics and the resumable checkpoint to Tune (and the fault-injection hook)."""
 
-    def __init__(self, run_name: str, first_attempt: bool):
+    def __init__(self, run_name: str, first_attempt: bool, held_epoch: int | None = None):
         self.fault_epoch, self.fault_exit = parse_fault(run_name) if first_attempt else (None, False)
+        self.held_epoch = held_epoch
+        """An epoch whose metrics wait in `held` for the caller to report (after the run is recorded)."""
+        self.held: Metrics | None = None
 
     def on_epoch_end(self, epoch: int, metrics: Metrics, checkpoint: Path | None) -> None:
         from ray import tune
 
-        if checkpoint is None:
+        if epoch == self.held_epoch:
+            self.held = dict(metrics)
+        elif checkpoint is None:
             tune.report(dict(metrics))
         else:
             # Tune persists the directory's contents during report; the copy can go afterwards.
@@ -210,8 +215,11 @@ def node_name() -> str:
     return name
 
 
-def tune_trial(config: dict[str, Any]) -> None:
-    """The Tune function trainable: one stage, resumed from Tune's checkpoint on a retry."""
+def tune_trial(config: dict[str, Any], hold_last_report: bool = False) -> None:
+    """The Tune function trainable: one stage, resumed from Tune's checkpoint on a retry.
+
+    `hold_last_report`: the last epoch goes to Tune only once the run is recorded, so that a
+    scheduler deciding on it (ASHA's top rung) cannot stop the trial while it records itself."""
     from ray import tune
 
     stage, context = Stage.from_dict(config["stage"]), SweepContext(**config["sweep"])
@@ -224,12 +232,16 @@ def tune_trial(config: dict[str, Any]) -> None:
         if checkpoint is not None:
             resume_from, corrupt = restore_checkpoint(checkpoint, Path(work_dir) / "restored")
         tags = {CHECKPOINT_CORRUPT_TAG: "; ".join(corrupt)[:4000]} if corrupt else {}
-        reporter = TuneReporter(stage.name, first_attempt=checkpoint is None)
+        reporter = TuneReporter(stage.name, first_attempt=checkpoint is None,
+                                held_epoch=stage.epochs - 1 if hold_last_report else None)
         try:
             with trial_log.capture_output(Path(work_dir) / trial_log.LOG_NAME, tee=False):
                 execute_stage(stage, context, Path(work_dir), resume_from, [reporter], tags)
         except BnewError as exc:  # recorded FAILED by execute_stage; a retry would fail the same way
             tune.report({STAGE_FAILED: True, "bnew_error": str(exc)})
+            return
+        if reporter.held is not None:
+            tune.report(reporter.held)
 
 
 def restore_checkpoint(checkpoint: Any, destination: Path) -> tuple[Path | None, list[str]]:

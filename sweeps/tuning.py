@@ -90,7 +90,7 @@ def tuning_trial(config: dict[str, Any]) -> None:
     """The Tune function trainable of a search: the suggested stage, run as any other stage."""
     from sweeps.execute import tune_trial
 
-    tune_trial({"stage": trial_stage(config).to_dict(), "sweep": config["sweep"]})
+    tune_trial({"stage": trial_stage(config).to_dict(), "sweep": config["sweep"]}, hold_last_report=True)
 
 
 def epochs_run(result: dict[str, Any] | None) -> int:
@@ -128,9 +128,7 @@ def mark_stopped(tracker: Tracker, experiment_id: str, stage: Stage, done: int, 
 
 
 def trial_scheduler(spec: SweepSpec, budget: int) -> Any:
-    """Tune's own scheduler for the spec's `scheduler` (None: every trial runs its budget).
-
-    Neither may stop a trial at its last epoch (it reports before it records its run)."""
+    """Tune's own scheduler for the spec's `scheduler` (None: every trial runs its budget)."""
     from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
     settings = spec.scheduler
@@ -189,7 +187,7 @@ def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context
               log: Log, verbose: bool) -> None:
     """Search every cell (one after the other), record each search's history on the parent run,
     then train the other seeds with each cell's best params."""
-    from sweeps.execute import sweep_tuner
+    from sweeps.execute import STAGE_FAILED, sweep_tuner
     from sweeps.report import load_sweep
 
     repeats: list[Stage] = []
@@ -198,16 +196,17 @@ def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context
         interruption.fit(tuner)
         if interruption.signal_name is not None:  # Tune saved the search; its running trials are stopped
             runs = {run.info.run_id: [run] for run in tracker.trial_runs(context.experiment_id)
-                    if run.data.tags.get(CELL_TAG) == cell.label}
+                    if run.data.tags.get(CELL_TAG) == cell.label and STOPPED_EARLY_TAG not in run.data.tags}
             tracker.kill_running_trials(context.experiment_id, runs,
                                         f"interrupted ({interruption.signal_name}); `bnew sweep resume` continues it")
             return
         results = tuner.get_results()
         template = cell.templates[0]
-        for result in results:
-            if result.error is None and epochs_run(result.metrics) < template.epochs:  # the callback's mark, again:
+        for result in results:  # the callback's mark again: the stopped trial's actor may have written since
+            stopped = result.error is None and not result.metrics.get(STAGE_FAILED)
+            if stopped and epochs_run(result.metrics) < template.epochs:
                 mark_stopped(tracker, context.experiment_id, trial_stage(result.config), epochs_run(result.metrics),
-                             spec.scheduler.name if spec.scheduler else "")  # the stopped actor may have written since
+                             spec.scheduler.name if spec.scheduler else "")
         trials = load_sweep(tracker.uri, spec.name).trials
         record_search(tracker, context.parent_run_id, trials, cell, spec)
         best = best_params(trials, cell, spec)
