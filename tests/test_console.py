@@ -240,7 +240,7 @@ def test_view_counts_stages_and_estimates_from_measured_epoch_times() -> None:
     assert view.trial_eta(view.stages[teachers[0]], now=110.0) == 30.0
     # 47 epochs left (3 of this teacher, 4 of every other stage) at 10 s, on 1 running trial
     assert view.sweep_eta(now=110.0) == 470.0
-    assert view.counts()["teacher"] == {"pending": 1, "running": 1, "done": 0, "failed": 0, "interrupted": 0}
+    assert view.counts()["teacher"] == {"pending": 1, "running": 1, "done": 0, "failed": 0, "interrupted": 0, "stopped": 0}
 
     output = io.StringIO()  # not a terminal: plain lines
     shown = SweepConsole(view, console=Console(file=output, width=100))
@@ -249,4 +249,4 @@ def test_view_counts_stages_and_estimates_from_measured_epoch_times() -> None:
     lines = output.getvalue().splitlines()
     assert lines[0].startswith("done   demo/teacher/baseline/seed0  binary 50.0%")
     assert lines[1] == "FAILED demo/teacher/baseline/seed1: RuntimeError: out of memory"
-    assert view.counts()["teacher"] == {"pending": 0, "running": 0, "done": 1, "failed": 1, "interrupted": 0}
+    assert view.counts()["teacher"] == {"pending": 0, "running": 0, "done": 1, "failed": 1, "interrupted": 0, "stopped": 0}
