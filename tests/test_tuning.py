@@ -111,6 +111,7 @@ def check_search_records(client: MlflowClient, sweep: str, samples: int, budget:
     return runs
 
 
+@pytest.mark.slow
 def test_optuna_with_asha_stops_early_records_each_trial_once_and_resumes(tmp_path: Path) -> None:
     """CI-sized: one cell, 6 samples of 4 epochs, 2 at a time; Ctrl-C once 2 trials finished,
     then `bnew sweep resume` completes the search (about 1-2 minutes on 2 quiet cores)."""
@@ -157,8 +158,9 @@ def test_optuna_with_asha_stops_early_records_each_trial_once_and_resumes(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_optuna_finds_a_lambda_rate_as_good_as_a_6_point_log_grid(tmp_path: Path) -> None:
-    """The issue's full check (too long for CI: 24 search trials and 12 grid trials): two cells
+    """The issue's full check (too long for CI, so `long`: 24 search trials and 12 grid trials): two cells
     (budgets 3 and 6), 12 Optuna samples each with ASHA; per cell, the best lambda_rate's
     validation accuracy is within 2 points of the best of a 6-point log grid over the same range."""
     samples, budgets = 12, [3, 6]
