@@ -160,6 +160,10 @@ def train(config: TrialConfig, callbacks: Sequence[Callback] = (), resume_from: 
         method.load_state_dict(state["method"])
         set_rng_state(state["rng"])
         history, start_epoch = state["history"], state["epoch"] + 1
+        if resume_from.resolve() != checkpoint_path.resolve():
+            # The trial's checkpoint until it writes the next; its only one if no epoch is left.
+            shutil.copyfile(resume_from, checkpoint_path)
+            write_checksum(checkpoint_path)
     (output_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
     for callback in callbacks:
         callback.on_train_start(config, start_epoch, len(loader))

@@ -51,6 +51,15 @@ def test_resume_equals_uninterrupted(tmp_path: Path, optimiser: dict) -> None:
     assert all(torch.equal(final_whole[key], final_resumed[key]) for key in final_whole)
 
 
+def test_resumed_after_its_last_epoch_the_trial_still_has_its_checkpoint(tmp_path: Path) -> None:
+    config = synthetic(tmp_path, "ended", phase="pretrain", epochs=1, max_batches=2)
+    train(config)
+    moved = tmp_path / "restored.pt"  # as Tune restores it: elsewhere, into a new output folder
+    (config.output_dir / "checkpoint.pt").rename(moved)
+    resumed = train(config, resume_from=moved)
+    assert resumed.checkpoint_path.read_bytes() == moved.read_bytes()
+
+
 def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path) -> None:
     runs = [train(synthetic(tmp_path, f"r{i}", phase="pretrain", epochs=2, seed=seed)) for i, seed in enumerate((3, 3, 4))]
     assert without_timing(runs[0].history) == without_timing(runs[1].history)
