@@ -1,7 +1,9 @@
 """The sweep console on a real local Ray: the demo (shortened) under a pseudo-terminal stays
 within its line budget with no ERROR or traceback, and a sweep writing to a file prints plain
 lines, one per finished or failed trial, the failure's reason included; `status` then shows
-the failed trial's last log lines. Set BNEW_SCREENSHOT_DIR to keep the console screenshot."""
+the failed trial's last log lines, and `resume --verbose` finishes it with Tune's reporter on
+while `status --watch` follows it from MLflow until it ends. Set BNEW_SCREENSHOT_DIR to keep
+the console screenshot."""
 
 from __future__ import annotations
 
@@ -223,6 +225,32 @@ def test_output_to_a_file_is_plain_lines_with_the_failure_reason_and_its_log(tmp
     report = render_failed_markdown(failed_trials(load_sweep(f"sqlite:///{tmp_path / '.bnew' / 'mlflow.db'}", "plain")))
     assert "- `plain/ste/baseline/seed0` (quantise): RuntimeError: BNEW_SWEEP_FAULT" in report
     assert "\n  RuntimeError: BNEW_SWEEP_FAULT: injected failure after epoch 0\n  ```" in report  # the log's tail, fenced
+
+    # `resume --verbose` without the fault, watched from MLflow by `status --watch` while it runs.
+    with open(tmp_path / "resume.txt", "w") as out:
+        resume = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "sweep", "resume", "plain.yaml", "--local",
+                                   "--max-batches", "2", "--verbose"], cwd=tmp_path, env=sweep_env(), stdout=out,
+                                  stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while "resuming Tune experiment" not in (tmp_path / "resume.txt").read_text():  # its parent run is open
+                assert resume.poll() is None and time.time() < deadline, (tmp_path / "resume.txt").read_text()
+                time.sleep(0.5)
+            watch = subprocess.run([sys.executable, "-m", "sweeps.cli", "sweep", "status", "plain.yaml", "--watch",
+                                    "--interval", "1"], cwd=tmp_path, env=sweep_env(), capture_output=True, text=True,
+                                   timeout=600)
+            assert resume.wait(timeout=300) == 0, (tmp_path / "resume.txt").read_text()
+        finally:
+            resume.kill()
+    resumed = (tmp_path / "resume.txt").read_text()
+    assert "Traceback" not in resumed and "FAILED" not in resumed, resumed
+    lines = resumed.splitlines()
+    assert "start plain/ste/baseline/seed0 (quantise, 1 epochs, from epoch 1)" in lines, resumed  # its checkpoint
+    assert sum(line.startswith("done   plain/ste/baseline/seed0  ") for line in lines) == 1, resumed
+    assert "Configuration for experiment" in resumed and "(tune_trial pid=" in resumed  # --verbose: Tune's, workers'
+    assert watch.returncode == 0, watch.stdout + watch.stderr
+    refreshes = [line for line in watch.stdout.splitlines() if re.match(r"\d\d:\d\d:\d\d pretrain 1/1; quantise ", line)]
+    assert refreshes and "pretrain 1/1; quantise 1/1; sweep eta" in refreshes[-1], watch.stdout  # until it ended
 
 
 def test_view_counts_stages_and_estimates_from_measured_epoch_times() -> None:
