@@ -105,7 +105,6 @@ class StoppedEarly(Callback):
         self.tracking_uri, self.experiment_id, self.scheduler = tracking_uri, experiment_id, scheduler
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from sweeps.console import ACTIVE
         from sweeps.execute import STAGE_FAILED
 
         stage, done = trial_stage(trial.config), epochs_run(trial.last_result)
@@ -115,8 +114,7 @@ class StoppedEarly(Callback):
         if done < stage.epochs:
             mark_stopped(Tracker(self.tracking_uri), self.experiment_id, stage, done, self.scheduler)
         what = "done   " if done >= stage.epochs else f"stopped by {self.scheduler} after {done} epochs:"
-        for console in ACTIVE:
-            console.line(f"{what} {stage.name}  {trial.config['metric']} {value}")
+        say(f"{what} {stage.name}  {trial.config['metric']} {value}", print)
 
 
 def mark_stopped(tracker: Tracker, experiment_id: str, stage: Stage, done: int, scheduler: str) -> None:
@@ -137,7 +135,10 @@ def trial_scheduler(spec: SweepSpec, budget: int) -> Any:
     if settings.name == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=budget, grace_period=min(settings.grace_epochs, budget),
                              reduction_factor=settings.reduction_factor, stop_last_trials=False)
-    return MedianStoppingRule(time_attr="training_iteration", grace_period=settings.grace_epochs)
+    # Never yield to waiting trials (min_time_slice): a paused trial restarts from its last
+    # checkpoint, retraining epochs (and, after its last epoch, recording itself a second time).
+    return MedianStoppingRule(time_attr="training_iteration", grace_period=settings.grace_epochs,
+                              min_time_slice=float("inf"))
 
 
 def cell_tuner(spec: SweepSpec, cell: TunedCell, context: Any, verbose: bool) -> Any:
@@ -210,8 +211,11 @@ def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context
         trials = load_sweep(tracker.uri, spec.name).trials
         record_search(tracker, context.parent_run_id, trials, cell, spec)
         best = best_params(trials, cell, spec)
+        (summary,) = [s for s in summarise(trials, spec) if s.cell == cell.label]
+        say(f"search {cell.label}: {summary.trials} trials, {summary.stopped} stopped early, {summary.failed} failed; "
+            + ("no trial finished its budget" if best is None else
+               f"best {best} ({spec.search.metric} {summary.best_val:.2f}, test_acc_binary {summary.best_test:.2f})"), log)
         if best is None:
-            log(f"{cell.label}: no trial of the search finished its budget")
             continue
         repeats += [tuned_stage(other, best, cell.label) for other in cell.templates[1:]]
     finished = tracker.finished_stages([stage.key for stage in repeats])
@@ -219,6 +223,16 @@ def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context
     if missing:
         interruption.fit(sweep_tuner(spec, missing, {key for stage in missing for key in stage.inputs.values()},
                                      context, verbose))
+
+
+def say(text: str, log: Log) -> None:
+    """A line on the live console while it holds stdout, else to `log`."""
+    from sweeps.console import ACTIVE
+
+    for console in ACTIVE:
+        console.line(text)
+    if not ACTIVE:
+        log(text)
 
 
 # --- what the searches left in MLflow ---------------------------------------------------------
