@@ -7,6 +7,7 @@ trials and debug runs in one process never mix up their runs."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -60,6 +61,9 @@ class Tracker:
         self.uri = tracking_uri
         if tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            # A new local store's two "Creating initial MLflow database tables" INFO lines are
+            # not news on the console; its schema errors are WARNING and above and still show.
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri)
 
     # --- experiment and parent run -------------------------------------------------------
