@@ -115,7 +115,6 @@ def kill_process_group(process: subprocess.Popen, ray_tmpdir: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.long
 def test_killed_driver_resumes_from_the_checkpoints_in_the_bucket(s3_env, tmp_path: Path) -> None:
     aws, client = s3_env
     project = tmp_path / "project"

@@ -153,7 +153,6 @@ def experiment_runs(name: str) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.long
 def test_submitted_demo_runs_on_every_worker_node(cluster: dict[str, str], tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
@@ -192,7 +191,6 @@ STOPPABLE_SPEC = {
 
 
 @pytest.mark.slow
-@pytest.mark.long
 def test_stopped_job_leaves_no_run_running_and_resubmission_trains_only_the_rest(
     cluster: dict[str, str], tmp_path: Path
 ) -> None:
@@ -254,7 +252,6 @@ def cifar_subset(root: Path, classes: int = 3, train: int = 40, test: int = 10) 
 
 
 @pytest.mark.slow
-@pytest.mark.long
 def test_table2_shaped_spec_reads_a_relative_data_directory_on_the_cluster(
     cluster: dict[str, str], tmp_path: Path
 ) -> None:
