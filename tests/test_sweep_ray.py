@@ -157,6 +157,21 @@ def test_cluster_runs_need_a_tracking_server(tmp_path: Path) -> None:
     assert not (tmp_path / ".bnew").exists()
 
 
+def test_stages_on_the_longest_chain_of_epochs_start_first() -> None:
+    from sweeps.execute import critical_path_order
+
+    plan = build_plan(load_spec("cifar10-cpu-study"))
+    order = [plan.stages[key] for key in critical_path_order(list(plan.stages.values()))]
+    position = {stage.key: index for index, stage in enumerate(order)}
+    # Chains of epochs: baseline pretrain 2 + quantise 6 = 8; teacher 3 + distilled pretrain 2 +
+    # quantise 2 = 7; an ablation's pretrain 2 + quantise 2 = 4. Deepest-first put the teachers last.
+    assert [stage.name for stage in order[:6]] == [f"c10study/pretrain/baseline/nodistill/seed{seed}" for seed in range(3)] + [
+        f"c10study/teacher/baseline/seed{seed}" for seed in range(3)]
+    ablation_pretrains = [position[stage.key] for stage in order
+                          if stage.phase == "pretrain" and "/baseline/" not in stage.name]
+    assert len(ablation_pretrains) == 9 and min(ablation_pretrains) > position[order[5].key]
+
+
 def test_scheduler_releases_each_stage_when_its_own_inputs_are_done() -> None:
     from sweeps.execute import StageScheduler, SweepContext
 
