@@ -166,7 +166,7 @@ def test_sigint_stops_the_sweep_and_a_diverging_trial_fails_at_once(tmp_path: Pa
     assert set(tune_failures(tmp_path / ".bnew" / "ray_results" / "sigint").values()) == {0}
 
     status = sweep_status("sigint", sweep.uri)
-    assert status.counts["quantise"] == {"pending": 0, "running": 0, "done": 0, "failed": 1, "interrupted": 1}
+    assert status.counts["quantise"] == {"pending": 0, "running": 0, "done": 0, "failed": 1, "interrupted": 1, "stopped": 0}
     assert {(trial.state, trial.error.split(":")[0]) for trial in status.unfinished} == {
         ("interrupted", "interrupted (SIGINT); `bnew sweep resume` continues it"), ("failed", "DivergedError")}
 
