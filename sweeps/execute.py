@@ -199,7 +199,11 @@ def execute_stage(
             trial_log.upload(tracker.client, run_id, log_path, failed=True)
         with contextlib.suppress(Exception):
             # Not an Exception: KeyboardInterrupt or SystemExit, the trial was stopped from outside.
-            tracker.fail_trial(run_id, f"{type(exc).__name__}: {exc}", killed=not isinstance(exc, Exception))
+            stopped = not isinstance(exc, Exception)
+            # Why is the driver's to say ("interrupted (SIGINT)"), and it may have said so already:
+            # Ray tears a stopped trial's actor down after Tune's fit() has returned.
+            if not stopped or tracker.client.get_run(run_id).info.status == "RUNNING":
+                tracker.fail_trial(run_id, f"{type(exc).__name__}: {exc}", killed=stopped)
         raise
     if len(stage.roles) > 1:
         tracker.link_missing_roles(context.experiment_id, context.parent_run_id, context.sweep, stage)

@@ -25,6 +25,7 @@ def image_tree(root: Path, per_class: dict[str, int]) -> None:
                 Image.fromarray(pixels).save(folder / f"{index:04d}.jpg")
 
 
+@pytest.mark.long  # ~3-4 min on 2 cores
 def test_bench_tiny_run_reports_both_trainers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv("BNEW_CACHE_DIR", str(tmp_path / "cache"))

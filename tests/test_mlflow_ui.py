@@ -99,7 +99,8 @@ def test_experiment_page_lists_the_nested_runs_with_dataset_source_and_model(dem
     page.goto(experiment_page(server, experiment_id))  # the link the run printed
     page.get_by_text("matching runs").wait_for()
     main = page.locator("main")
-    main.get_by_role("link", name="demo", exact=True).wait_for()
+    run_names = main.locator('[id^="cell-attributes.`Run Name`"]')  # not the breadcrumb's "demo"
+    run_names.get_by_role("link", name="demo", exact=True).wait_for()
     close_assistant(page)
     # The parent run "demo" holds the trials: expand it.
     page.locator('button[data-component-id$="runnamecellrenderer.tsx_46"]').first.click()

@@ -66,6 +66,7 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path) -> None:
     assert without_timing(runs[0].history) != without_timing(runs[2].history)
 
 
+@pytest.mark.long  # ~3 min of compiling on 2 cores
 def test_compiled_model_computes_what_the_eager_one_does(tmp_path: Path) -> None:
     """torch.compile (the fast path of long trials) fuses the ops, it does not change the model:
     same logits and gradients (up to float reordering) in training and eval mode, and a compiled
