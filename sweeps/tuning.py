@@ -188,7 +188,7 @@ def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context
               log: Log, verbose: bool) -> None:
     """Search every cell (one after the other), record each search's history on the parent run,
     then train the other seeds with each cell's best params."""
-    from sweeps.execute import STAGE_FAILED, sweep_tuner
+    from sweeps.execute import sweep_tuner
     from sweeps.report import load_sweep
 
     repeats: list[Stage] = []
@@ -201,13 +201,8 @@ def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context
             tracker.kill_running_trials(context.experiment_id, runs,
                                         f"interrupted ({interruption.signal_name}); `bnew sweep resume` continues it")
             return
-        results = tuner.get_results()
-        template = cell.templates[0]
-        for result in results:  # the callback's mark again: the stopped trial's actor may have written since
-            stopped = result.error is None and not result.metrics.get(STAGE_FAILED)
-            if stopped and epochs_run(result.metrics) < template.epochs:
-                mark_stopped(tracker, context.experiment_id, trial_stage(result.config), epochs_run(result.metrics),
-                             spec.scheduler.name if spec.scheduler else "")
+        # A stopped trial's actor, torn down after the callback marked its run, leaves the mark
+        # alone (`execute_stage` records a stop only on a run still RUNNING).
         trials = load_sweep(tracker.uri, spec.name).trials
         record_search(tracker, context.parent_run_id, trials, cell, spec)
         best = best_params(trials, cell, spec)
