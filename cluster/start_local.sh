@@ -28,7 +28,8 @@ mkdir -p "$STATE/artifacts"
 secret() { (umask 077 && "$BIN/python" -c "import secrets; print(secrets.token_hex(32))" >"$1"); }
 
 # MLflow: metadata in SQLite (or PostgreSQL), artifacts uploaded through the server, so no
-# worker ever writes to a path of its own. MLflow's basic-auth app: every request needs a user.
+# worker ever writes to a path of its own. MLflow's basic-auth app: every request needs a user; a
+# good login is remembered for 5 minutes (cluster/mlflow_basic_auth.ini says why).
 if [ "${MLFLOW_BACKEND:-sqlite}" = postgres ]; then
     BACKEND=$("$(dirname "$0")/postgres_local.sh" "$STATE/postgres") \
         || { echo "postgresql did not start (user postgres needs access to $STATE); see $STATE/postgres/*.log" >&2; exit 1; }
@@ -47,6 +48,7 @@ default_permission = READ
 database_uri = sqlite:///$STATE/basic_auth.db
 admin_username = $MLFLOW_TRACKING_USERNAME
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = 300
 EOF
 MLFLOW_AUTH_CONFIG_PATH="$STATE/basic_auth.ini" MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD" \
 MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat "$STATE/mlflow_secret_key") \
