@@ -24,7 +24,6 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
-from urllib.parse import urlparse
 
 from ray.tune.search import Searcher
 
@@ -37,7 +36,7 @@ from sweeps.console import show_console
 from sweeps.plan import Plan, Stage, check_data_roots
 from sweeps.spec import SweepSpec, dump_spec
 from sweeps.storage import check_storage_reaches_every_node, experiment_uris
-from sweeps.tracking import Tracker, is_local_uri
+from sweeps.tracking import Tracker, is_local_uri, is_loopback
 from sweeps.tuning import run_cells, tuned_cells
 
 FAULT_ENV = "BNEW_SWEEP_FAULT"
@@ -353,10 +352,7 @@ def trial_dirname(trial: Any) -> str:
 def check_cluster_settings(spec: SweepSpec, address: str | None) -> None:
     """Workers on other machines must log through an MLflow server, not a path of theirs (the
     Tune storage is checked once Ray is connected: `check_storage_reaches_every_node`)."""
-    if address is None:
-        return
-    host = urlparse(address if "://" in address else f"ray://{address}").hostname
-    if host in ("127.0.0.1", "localhost"):
+    if address is None or is_loopback(address):
         return
     tracking_uri = spec.resolved_tracking_uri()
     if is_local_uri(tracking_uri):
@@ -483,7 +479,8 @@ def run_sweep(
     cells = tuned_cells(plan)  # searched after the stage graph's Tuner (sweeps.tuning says why)
     templates = {template.key for cell in cells for template in cell.templates}
     pending = [stage for key, stage in plan.stages.items() if key not in outcome.reused and key not in templates]
-    log(f"{len(outcome.reused)} stages reused, {len(pending)} to train ({plan.epochs({s.key for s in pending})} epochs)")
+    log(f"{len(outcome.reused)} stages reused, {len(pending)} to train ({plan.epochs({s.key for s in pending})} epochs)"
+        + (f", then {len(cells)} searches of {spec.search.samples} trials each" if cells else ""))
     interruption = Interruption()
     console = None
     try:

@@ -127,29 +127,24 @@ def check_versions(client: Any) -> None:
         typer.echo(mismatch, err=True)
 
 
-def entrypoint(command: str, sweep: str, max_epochs: int | None, max_batches: int | None) -> str:
+def entrypoint(command: str, sweep: str, max_epochs: int | None, max_batches: int | None, yes: bool = False) -> str:
     """The driver's shell command on the cluster: the spec from `SPEC_ENV` into a file, then
     `bnew sweep run` (or `resume`) on it, exec'd so that `stop`'s SIGTERM reaches the driver."""
     parts = ["bnew", "sweep", command, f'"$spec_dir"/{shlex.quote(sweep)}.yaml']
     for option, value in (("--max-epochs", max_epochs), ("--max-batches", max_batches)):
         if value is not None:
             parts += [option, str(value)]
+    if yes:  # confirmed here, where the size limit was checked
+        parts.append("--yes")
     return (f'spec_dir=$(mktemp -d) && printenv {SPEC_ENV} >"$spec_dir"/{shlex.quote(sweep)}.yaml && '
             f'exec {" ".join(parts)}')
-
-
-def is_loopback(url: str) -> bool:
-    from urllib.parse import urlparse
-
-    host = urlparse(url if "://" in url else f"http://{url}").hostname or ""
-    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def cluster_tracking_uri(here: str, given: str | None, address: str) -> str:
     """The tracking URI the job's nodes use: `--tracking-uri`, else the one used here. A loopback
     URI is only right when the cluster is this machine too (behind a tunnel, `localhost:5000`
     here is the tunnel's end, not the server the nodes reach)."""
-    from sweeps.tracking import is_local_uri
+    from sweeps.tracking import is_local_uri, is_loopback
 
     uri = given or here
     if is_local_uri(uri):
@@ -178,6 +173,7 @@ def submit(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow as the cluster's nodes reach it (http://mlflow:5000). Default: the tracking URI used here, which must then not be this machine's."),
     data_dir: Optional[str] = typer.Option(None, help="BNEW_DATA_DIR for the job: the cluster's folder that relative dataset roots are read from. Default: the nodes' BNEW_DATA_DIR."),
     follow: bool = typer.Option(False, "--follow", help="Stream the driver's log until the job ends."),
+    yes: bool = typer.Option(False, "--yes", help="Submit a sweep of more than 1,000 trials."),
 ) -> None:
     """Submit SPEC's driver to a Ray cluster as a Ray job; print the job id and how to follow it.
 
@@ -188,7 +184,7 @@ def submit(
     from sweeps.cli import load_sweep_plan
     from sweeps.spec import dump_spec
 
-    sweep_spec, _ = load_sweep_plan(spec, max_epochs, max_batches, on_this_machine=False)  # paths: the cluster's
+    sweep_spec, _ = load_sweep_plan(spec, max_epochs, max_batches, on_this_machine=False, yes=yes)  # paths: the cluster's
     here_uri = sweep_spec.resolved_tracking_uri()
     job_uri = cluster_tracking_uri(here_uri, tracking_uri, api_address(address))
     client = job_client(address)
@@ -200,7 +196,7 @@ def submit(
         env_vars["BNEW_DATA_DIR"] = data_dir
     job_id = f"{JOB_ID_PREFIX}{sweep_spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     client.submit_job(
-        entrypoint=entrypoint("resume" if resume else "run", sweep_spec.name, max_epochs, max_batches),
+        entrypoint=entrypoint("resume" if resume else "run", sweep_spec.name, max_epochs, max_batches, yes),
         submission_id=job_id,
         runtime_env={"env_vars": env_vars},
         metadata={KIND_KEY: "sweep", SWEEP_KEY: sweep_spec.name, "bnew.tracking_uri": job_uri,

@@ -33,6 +33,14 @@ def is_local_uri(uri: str) -> bool:
     return uri.partition(":")[0] in LOCAL_SCHEMES or uri.startswith("/")
 
 
+def is_loopback(url: str) -> bool:
+    """True for an address (a Ray cluster's, a tracking server's) on this machine's loopback."""
+    from urllib.parse import urlparse
+
+    host = urlparse(url if "://" in url else f"http://{url}").hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def check_tracking_uri(uri: str) -> None:
     """Raise a one-line `BnewError` if MLflow has no tracking store for the URI's scheme."""
     from mlflow.exceptions import MlflowException

@@ -1,6 +1,6 @@
-"""Malformed sweep specs (tests/bad_specs/*.yaml): each is rejected by `bnew sweep plan` and
-`bnew sweep run` alike, with exit status 2 and one line naming the key, before Ray or MLflow
-start. Each file says the text its error line must contain (`# error: ...`) and, if not every
+"""Malformed sweep specs (tests/bad_specs/*.yaml): each is rejected by `bnew sweep plan`,
+`bnew sweep run` and `bnew sweep submit` alike, with exit status 2 and one line naming the
+key, before Ray or MLflow start. Each file says the text its error line must contain (`# error: ...`) and, if not every
 command rejects it, which do (`# commands: run`: a grid over the size limit is shown by `plan`)."""
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ from typer.testing import CliRunner
 from sweeps.cli import app
 
 BAD_SPECS = sorted((Path(__file__).parent / "bad_specs").glob("*.yaml"))
-COMMANDS = {"plan": ["sweep", "plan", "{spec}"], "run": ["sweep", "run", "{spec}", "--local"]}
-"""Command lines, `{spec}` standing for the spec's path."""
+COMMANDS = {"plan": ["sweep", "plan", "{spec}"], "run": ["sweep", "run", "{spec}", "--local"],
+            "submit": ["sweep", "submit", "{spec}", "--address", "http://127.0.0.1:9"],
+            "debug": ["sweep", "run", "{spec}", "--debug"]}
+"""Command lines, `{spec}` standing for the spec's path. `submit` checks what does not depend on
+the machine (a storage path or a dataset root is the cluster's, not this one's); nothing listens
+at its address, so a spec that passed would fail on the connection, not with the spec's line."""
 
 
 def header(path: Path, field: str) -> str | None:
@@ -26,7 +30,7 @@ def header(path: Path, field: str) -> str | None:
 CASES = [
     pytest.param(path, command, id=f"{path.stem}-{command}")
     for path in BAD_SPECS
-    for command in (header(path, "commands") or " ".join(COMMANDS)).split()
+    for command in (header(path, "commands") or "plan run submit").split()
     if command in COMMANDS
 ]
 
@@ -63,3 +67,11 @@ def test_a_grid_over_the_size_limit_runs_with_yes_and_plan_shows_it(tmp_path: Pa
     assert len(plan.trial_roles()) == 1200
     shown = CliRunner().invoke(app, ["sweep", "plan", spec, "--no-lookup"])
     assert shown.exit_code == 0 and "1200 trials" in shown.stdout
+
+
+def test_a_confirmed_submission_passes_yes_to_the_driver_on_the_cluster() -> None:
+    """`submit --yes` checks the size limit here and confirms it for the job's `bnew sweep run`."""
+    from sweeps.submission import entrypoint
+
+    assert entrypoint("run", "big", None, None, yes=True).endswith("big.yaml --yes")
+    assert "--yes" not in entrypoint("resume", "small", 2, None)
