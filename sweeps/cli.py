@@ -176,20 +176,31 @@ def print_plan(plan, reused: set[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from sweeps.tuning import planned_counts, search_size
+
+    search = search_size(plan)  # its cells' templates are not trained as they are: counted in its own row
+    stages = {key: stage for key, stage in plan.stages.items() if key not in search.templates}
     table = Table(title=f"sweep {plan.spec.name} (grid {plan.spec.grid_label})")
     for column in ("stage", "runs", "reused", "to train", "epochs to train"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for phase in ("teacher", "pretrain", "quantise", "real"):
-        stages = plan.of_phase(phase)
-        if stages:
-            todo = {stage.key for stage in stages} - reused
-            table.add_row(phase, str(len(stages)), str(len(stages) - len(todo)), str(len(todo)), str(plan.epochs(todo)))
-    todo = set(plan.stages) - reused
-    table.add_row("all", str(len(plan.stages)), str(len(plan.stages) - len(todo)), str(len(todo)), str(plan.epochs(todo)), style="bold")
+        keys = {key for key, stage in stages.items() if stage.phase == phase}
+        if keys:
+            todo = keys - reused
+            table.add_row(phase, str(len(keys)), str(len(keys) - len(todo)), str(len(todo)), str(plan.epochs(todo)))
+    if search.cells:
+        table.add_row(f"search ({search.cells} cells)", str(search.trials), "-", str(search.trials), f"<= {search.epochs}")
+    todo = set(stages) - reused
+    table.add_row("all", str(len(stages) + search.trials), str(len(stages) - len(todo)), str(len(todo) + search.trials),
+                  str(plan.epochs(todo) + search.epochs), style="bold")
     console = Console()
     console.print(table)
-    console.print(f"{len(plan.trial_roles())} trials, {len(plan.stages) - len(plan.trial_roles())} prerequisites; "
-                  f"{plan.epochs()} trial-epochs in all, {plan.epochs(todo)} still to train")
+    size = planned_counts(plan)
+    console.print(f"{size.trials} trials, {size.runs - size.trials} prerequisites; "
+                  f"{size.epochs} trial-epochs in all, {plan.epochs(todo) + search.epochs} still to train"
+                  + (f"\nsearch: {plan.spec.search.samples} Optuna trials per cell on its first seed, the other seeds repeat "
+                     "its best params" + (f"; {plan.spec.scheduler.name} stops weak trials early (so 'at most')"
+                                          if plan.spec.scheduler else "") if search.cells else ""))
 
 
 @sweep_app.command("list")
@@ -201,13 +212,15 @@ def list_presets() -> None:
     from sweeps.plan import build_plan
     from sweeps.spec import load_spec, preset_names
 
+    from sweeps.tuning import planned_counts
+
     table = Table(title="sweep presets")
     for column in ("name", "grid", "trials", "stages", "trial-epochs", "description"):
         table.add_column(column)
     for name in preset_names():
         spec = load_spec(name)
-        plan = build_plan(spec, name)
-        table.add_row(name, spec.grid_label, str(len(plan.trial_roles())), str(len(plan.stages)), str(plan.epochs()), spec.description)
+        size = planned_counts(build_plan(spec, name))
+        table.add_row(name, spec.grid_label, str(size.trials), str(size.runs), str(size.epochs), spec.description)
     Console().print(table)
 
 
@@ -299,6 +312,9 @@ def run(
     if sum((address is not None, local, debug)) > 1:
         fail("--address, --local and --debug exclude each other")
     sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches, yes=yes)
+    if debug and sweep_spec.tuned_params():
+        fail("search.algorithm: optuna searches with Ray Tune, which --debug leaves out; run it with --local "
+             "(or debug one trial with `search.algorithm: grid`)")
     from sweeps.execute import run_sweep
 
     execute_and_report(lambda: run_sweep(sweep_spec, sweep_plan, typer.echo, address=address, local=local, debug=debug,

@@ -352,8 +352,9 @@ def check_sweep(plan: Plan, on_this_machine: bool, yes: bool) -> None:
     with `yes` over `MAX_TRIALS`, a tracking URI MLflow can use and, if the sweep's driver runs on
     this machine, a storage folder it can write and its datasets. Raises a one-line `BnewError` naming the key."""
     from sweeps.tracking import check_tracking_uri
+    from sweeps.tuning import planned_counts
 
-    trials = len(plan.trial_roles())
+    trials = planned_counts(plan).trials
     if trials > MAX_TRIALS and not yes:
         raise BnewError(f"axes: {trials} trials, more than {MAX_TRIALS}; check the grid with `bnew sweep plan`, "
                         "then pass --yes to run it")

@@ -95,11 +95,11 @@ def mlflow_client(tracking_uri: str | None):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def search_all_runs(client, experiment_id: str) -> list:
-    """Every run of the experiment, following MLflow's page tokens."""
+def search_all_runs(client, experiment_id: str, filter_string: str = "") -> list:
+    """Every run of the experiment (that matches `filter_string`), following MLflow's page tokens."""
     runs, page_token = [], None
     while True:
-        page = client.search_runs([experiment_id], max_results=1000, page_token=page_token)
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=page_token)
         runs.extend(page)
         page_token = page.token
         if not page_token:
@@ -129,6 +129,12 @@ def load_sweep(tracking_uri: str | None, sweep: str) -> SweepRuns:
         (run for run in runs if run.data.tags.get("bnew.role") == "sweep"), key=lambda run: run.info.start_time or 0
     )
     parent_run_id = parents[-1].info.run_id if parents else None
+    spec = read_spec(client, parent_run_id) if parent_run_id else {}
+    return SweepRuns(tracking_uri, sweep, parent_run_id, spec, trial_frame(runs))
+
+
+def trial_frame(runs: list) -> pd.DataFrame:
+    """`SweepRuns.trials` of the experiment's runs: one row per trial run."""
     records = [
         {
             "run_id": run.info.run_id,
@@ -146,8 +152,7 @@ def load_sweep(tracking_uri: str | None, sweep: str) -> SweepRuns:
     trials = pd.DataFrame(records, columns=list(columns))
     tag_columns = [column for column in columns if column not in ("start_time", "metrics")]
     trials[tag_columns] = trials[tag_columns].astype(object).fillna("")
-    spec = read_spec(client, parent_run_id) if parent_run_id else {}
-    return SweepRuns(tracking_uri, sweep, parent_run_id, spec, trials)
+    return trials
 
 
 def tuning_searches(sweep: SweepRuns) -> str:

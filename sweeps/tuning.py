@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from ray.tune import Callback
 
@@ -58,6 +58,41 @@ def tuned_cells(plan: Plan) -> list[TunedCell]:
             label = stage.name.rpartition("/seed")[0]
             cells.setdefault(label, TunedCell(label, [])).templates.append(stage)
     return list(cells.values())
+
+
+@dataclass
+class SearchSize:
+    """What the plan's searches train, as counts: Optuna picks the params only while the sweep runs."""
+
+    cells: int
+    trials: int
+    """Search trials (`search.samples` per cell) and the best params' repeats on the other seeds."""
+    epochs: int
+    """At most: every trial trains its full budget unless the scheduler stops it."""
+    templates: set[str]
+    """The plan's stage keys that stand for the searched stages (never trained as they are)."""
+
+
+def search_size(plan: Plan) -> SearchSize:
+    cells = tuned_cells(plan)
+    runs = [(plan.spec.search.samples + len(cell.templates) - 1, cell.templates[0].epochs) for cell in cells]
+    return SearchSize(len(cells), sum(trials for trials, _ in runs), sum(trials * epochs for trials, epochs in runs),
+                      {template.key for cell in cells for template in cell.templates})
+
+
+class PlannedCounts(NamedTuple):
+    trials: int
+    runs: int
+    """Trials and prerequisites."""
+    epochs: int
+
+
+def planned_counts(plan: Plan) -> PlannedCounts:
+    """The sweep's size, each search counted as the trials it runs (not as its cells' templates)."""
+    size = search_size(plan)
+    return PlannedCounts(len(plan.trial_roles()) - len(size.templates) + size.trials,
+                         len(plan.stages) - len(size.templates) + size.trials,
+                         plan.epochs(set(plan.stages) - size.templates) + size.epochs)
 
 
 def cell_params(spec: SweepSpec, template: Stage) -> list[str]:
@@ -189,7 +224,7 @@ def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context
     """Search every cell (one after the other), record each search's history on the parent run,
     then train the other seeds with each cell's best params."""
     from sweeps.execute import sweep_tuner
-    from sweeps.report import load_sweep
+    from sweeps.report import search_all_runs, trial_frame
 
     repeats: list[Stage] = []
     for cell in cells:
@@ -203,7 +238,7 @@ def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context
             return
         # A stopped trial's actor, torn down after the callback marked its run, leaves the mark
         # alone (`execute_stage` records a stop only on a run still RUNNING).
-        trials = load_sweep(tracker.uri, spec.name).trials
+        trials = trial_frame(search_all_runs(tracker.client, context.experiment_id, f"tags.`{CELL_TAG}` = '{cell.label}'"))
         record_search(tracker, context.parent_run_id, trials, cell, spec)
         best = best_params(trials, cell, spec)
         (summary,) = [s for s in summarise(trials, spec) if s.cell == cell.label]
