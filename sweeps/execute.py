@@ -389,6 +389,13 @@ def trainable(spec: SweepSpec, function: Callable[[dict[str, Any]], None] = tune
     return tune.with_resources(function, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
+REUSE_ACTORS = True
+"""A trial's actor trains the next trial too: a new one spends ~6 s importing torch, Ray Train and
+MLflow (bench/RESULTS.md), the most of what a short trial costs. Every trial seeds its own generators
+and has its own MLflow client, output capture and working folder, so nothing carries over; Tune
+starts a new actor when the last trial's thread has not ended."""
+
+
 def sweep_tuner(spec: SweepSpec, stages: list[Stage], done: set[str], context: SweepContext, verbose: bool = False) -> Any:
     """A Tuner for `stages` (a new Tune experiment under the sweep's storage folder)."""
     from ray import tune
@@ -400,6 +407,7 @@ def sweep_tuner(spec: SweepSpec, stages: list[Stage], done: set[str], context: S
             search_alg=scheduler,
             num_samples=len(stages),
             max_concurrent_trials=spec.max_concurrent,
+            reuse_actors=REUSE_ACTORS,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,
         ),

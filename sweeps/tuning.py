@@ -182,7 +182,7 @@ def cell_tuner(spec: SweepSpec, cell: TunedCell, context: Any, verbose: bool) ->
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from sweeps.execute import trainable, tune_run_config, tune_storage
+    from sweeps.execute import REUSE_ACTORS, trainable, tune_run_config, tune_storage
 
     trainable_fn = trainable(spec, tuning_trial)
     path = f"{tune_storage(spec)}/{TUNING_FOLDER}/{cell.experiment_name}"
@@ -204,7 +204,7 @@ def cell_tuner(spec: SweepSpec, cell: TunedCell, context: Any, verbose: bool) ->
         },
         tune_config=tune.TuneConfig(
             metric=search.metric, mode=search.mode, num_samples=search.samples,
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), reuse_actors=REUSE_ACTORS,
             scheduler=trial_scheduler(spec, template.epochs),
             trial_name_creator=lambda trial: trial_stage(trial.config).name,
             trial_dirname_creator=lambda trial: f"{cell.experiment_name[:40]}_{trial.trial_id}",
