@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 START_ATTEMPTS = 3
 REQUEST_LINE = re.compile(r'"(GET|POST|PUT|DELETE|PATCH) (/[^ ?"]*)')
+ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts/"
 
 
 def free_port() -> int:
@@ -104,7 +106,8 @@ def load_spec(name: str, trials: int, epochs: int, every_epochs: int | None) -> 
     spec: dict[str, Any] = {
         "name": name,
         "axes": {"dataset": ["synthetic"], "optimiser": ["real"], "seed": [0], "budget": [epochs],
-                 "params": {"lr": {"loguniform": [1e-4, 1e-1], "samples": trials, "seed": 0}}},
+                 # Draws seeded by the sweep's name: no sweep of a run reuses another's stages.
+                 "params": {"lr": {"loguniform": [1e-4, 1e-1], "samples": trials, "seed": zlib.crc32(name.encode())}}},
         "base": {"batch_size": 32, "device": "cpu", "max_batches": 3, "eval_batch_size": 256,
                  "data": {"synthetic_size": 128}},
         "resources": {"cpu": 1},
@@ -151,7 +154,14 @@ def count_requests(log: Path, start: int, end: int) -> Counter:
     with open(log, "rb") as handle:
         handle.seek(start)
         text = handle.read(end - start).decode(errors="replace")
-    return Counter(f"{m.group(1)} {m.group(2)}" for m in REQUEST_LINE.finditer(text))
+    return Counter(f"{m.group(1)} {endpoint(m.group(2))}" for m in REQUEST_LINE.finditer(text))
+
+
+def endpoint(path: str) -> str:
+    """The request's endpoint: ids and artifact paths left out."""
+    if path.startswith(ARTIFACTS):
+        return f"{ARTIFACTS}<experiment>/{'<model>/' if '/models/' in path else '<run>/'}...{path.rpartition('/')[2]}"
+    return re.sub(r"m-[0-9a-f]{32}", "<model>", path)
 
 
 def run_sweep(cluster: LoopbackCluster, spec: dict[str, Any], work: Path) -> SweepRun:
@@ -234,6 +244,9 @@ def measure(cluster: LoopbackCluster, work: Path, label: str, trials: int, epoch
         raise RuntimeError(f"{label}: bnew sweep run exited {sweep.returncode}:\n{sweep.output[-3000:]}")
     with cluster.as_client():
         records = read_records(cluster.tracking_uri, spec["name"], epochs)
+    reused = re.search(r"(\d+) stages reused", sweep.output)
+    if reused is None or int(reused.group(1)):  # reused stages would cost nothing and skew every row
+        raise RuntimeError(f"{label}: stages reused from an earlier sweep: {reused.group(0) if reused else sweep.output[-2000:]}")
     problems = [f"{len(records.runs_per_key)} stage keys recorded, {trials} planned"] if len(records.runs_per_key) != trials else []
     problems += [f"stage {key}: {count} runs" for key, count in records.runs_per_key.items() if count != 1]
     problems += records.bad_steps + [f"{name}: not FINISHED" for name in records.unfinished]
