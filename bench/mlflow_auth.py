@@ -4,8 +4,8 @@ Starts three `mlflow server` processes on loopback (SQLite, one worker each): wi
 the basic-auth app as MLflow ships it, and with the basic-auth app and its login cache
 (`auth_cache_ttl_seconds`, as `cluster/mlflow_basic_auth.ini` and `cluster/start_local.sh` set
 it). Sends the same request (`experiments/get-by-name`) `--requests` times to each, in turn,
-and prints the median and p95 latency and the ratios. A trial sends about 25 requests, so the
-per-request cost times 25 is what the server spends on each trial.
+and prints the median and p95 latency and the ratios. A trial sends about 38 requests, so the
+per-request cost times 38 is what the server spends on each trial.
 """
 
 from __future__ import annotations
