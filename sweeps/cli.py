@@ -4,6 +4,7 @@ reports whole grids. Ray and MLflow are imported inside the sweep commands only,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +25,10 @@ app = typer.Typer(
 @app.callback()
 def main_options() -> None:
     """Train binary neural networks (BNEW, STE, BMD, BOP) one trial at a time or as Ray sweeps."""
+    # MLflow draws a progress bar for each input model and spec it downloads: lines of bars on
+    # the console (and in --debug runs) that say nothing about the sweep. Ray workers started
+    # from here (--local) inherit the setting.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def fail(message: str) -> None:

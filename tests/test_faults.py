@@ -252,13 +252,14 @@ def test_killed_driver_resumes_and_a_corrupted_checkpoint_falls_back(cluster: Cl
     """(b) the driver SIGKILLed mid-sweep, then (e) the newest checkpoint of a trial truncated."""
     import torch
 
-    budget, lrs = 8, [0.01, 0.02]
+    budget, lrs = EPOCHS_TO_INTERRUPT, [0.01, 0.02]
     env = cluster.sweep_env(tmp_path / "project")
     spec = write_spec(tmp_path, "killed-driver", budget, lrs, pretrain=True)
     sweep = Sweep(env["MLFLOW_TRACKING_URI"], "killed-driver")
-    run_args = ("sweep", "run", str(spec), "--max-batches", "2")
+    run_args = ("sweep", "run", str(spec), "--max-batches", BATCHES_TO_INTERRUPT)
     driver = Driver(*run_args, cwd=tmp_path, env=env)
-    driver.wait_for(lambda: max(sweep.logged_epochs(lr) for lr in lrs) >= 3, "three epochs of a trial")
+    # Both trials mid-way: the first one's actor is the pretrain's (reused), the second one's starts afresh.
+    driver.wait_for(lambda: min(sweep.logged_epochs(lr) for lr in lrs) >= 3, "three epochs of both trials")
     driver.process.kill()
     driver.wait(60)
     time.sleep(5)  # the cluster ends the dead driver's trials
@@ -294,7 +295,7 @@ def test_killed_driver_resumes_and_a_corrupted_checkpoint_falls_back(cluster: Cl
     assert "does not match its checksum" in corrupted.data.tags["bnew.checkpoint_corrupt"]
     assert int(corrupted.data.tags["bnew.resumed_from_epoch"]) == good_epoch + 1
     report("driver SIGKILLed mid-sweep (+ newest checkpoint of one trial truncated)", len(before), redone, 0,
-           resume_s, "kill -9 <driver>; bnew sweep resume SPEC --max-batches 2 (RAY_ADDRESS: loopback cluster)")
+           resume_s, f"kill -9 <driver>; bnew sweep resume SPEC --max-batches {BATCHES_TO_INTERRUPT} (RAY_ADDRESS: loopback cluster)")
 
 
 @pytest.mark.long
