@@ -202,10 +202,11 @@ def print_plan(plan, reused: set[str]) -> None:
     console.print(table)
     size = planned_counts(plan)
     console.print(f"{size.trials} trials, {size.runs - size.trials} prerequisites; "
-                  f"{size.epochs} trial-epochs in all, {plan.epochs(todo) + search.epochs} still to train"
-                  + (f"\nsearch: {plan.spec.search.samples} Optuna trials per cell on its first seed, the other seeds repeat "
-                     "its best params" + (f"; {plan.spec.scheduler.name} stops weak trials early (so 'at most')"
-                                          if plan.spec.scheduler else "") if search.cells else ""))
+                  f"{size.epochs} trial-epochs in all, {plan.epochs(todo) + search.epochs} still to train")
+    if search.cells:
+        stopping = f"; {plan.spec.scheduler.name} stops weak trials early (so 'at most')" if plan.spec.scheduler else ""
+        console.print(f"search: {plan.spec.search.samples} Optuna trials per cell on its first seed, "
+                      f"the other seeds repeat its best params{stopping}")
 
 
 @sweep_app.command("list")
