@@ -256,6 +256,10 @@ def report_outcome(outcome, plan, spec_arg: str) -> None:
     typer.echo(
         f"sweep {plan.spec.name}: {len(outcome.trained)} stages trained, {len(outcome.reused)} reused, "
         f"{len(outcome.failed)} failed or interrupted, {len(outcome.not_run)} not run"
+        + (f"; {sum(s.trials for s in outcome.searches)} search trials in {len(outcome.searches)} "
+           f"cell{'s' if len(outcome.searches) > 1 else ''} "
+           f"({sum(s.stopped for s in outcome.searches)} stopped early, {sum(s.failed for s in outcome.searches)} failed)"
+           if outcome.searches else "")
     )
     for key in sorted(outcome.failed, key=lambda key: plan.stages[key].name):
         typer.echo(f"failed: {plan.stages[key].name} (stage {key})", err=True)

@@ -75,6 +75,8 @@ class SweepOutcome:
     """Never started: an input failed, or the sweep was interrupted first."""
     interrupted: str | None = None
     """The signal that stopped the sweep (SIGINT, SIGTERM), if one did."""
+    searches: list[Any] = field(default_factory=list)
+    """`sweeps.tuning.CellSearch` of each cell searched to its end by this run."""
 
 
 # --- one stage, in whatever process runs it ---------------------------------------------------
@@ -509,7 +511,7 @@ def run_sweep(
             missing = [stage for stage in pending if stage.key not in done]
             if missing:
                 interruption.fit(sweep_tuner(spec, missing, done, context, verbose))
-            run_cells(spec, cells, tracker, context, interruption, log, verbose)
+            outcome.searches = run_cells(spec, cells, tracker, context, interruption, log, verbose)
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's SIGTERM handler, outside Tune
         interruption.signal_name = interruption.signal_name or "SIGINT"
         raise

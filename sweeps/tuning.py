@@ -220,13 +220,14 @@ def available_cpus() -> float:
 
 
 def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context: Any, interruption: Any,
-              log: Log, verbose: bool) -> None:
+              log: Log, verbose: bool) -> list["CellSearch"]:
     """Search every cell (one after the other), record each search's history on the parent run,
-    then train the other seeds with each cell's best params."""
+    then train the other seeds with each cell's best params. Returns the searches that ended."""
     from sweeps.execute import sweep_tuner
     from sweeps.report import search_all_runs, trial_frame
 
     repeats: list[Stage] = []
+    searches: list[CellSearch] = []
     for cell in cells:
         tuner = cell_tuner(spec, cell, context, verbose)
         interruption.fit(tuner)
@@ -235,13 +236,14 @@ def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context
                     if run.data.tags.get(CELL_TAG) == cell.label and STOPPED_EARLY_TAG not in run.data.tags}
             tracker.kill_running_trials(context.experiment_id, runs,
                                         f"interrupted ({interruption.signal_name}); `bnew sweep resume` continues it")
-            return
+            return searches
         # A stopped trial's actor, torn down after the callback marked its run, leaves the mark
         # alone (`execute_stage` records a stop only on a run still RUNNING).
         trials = trial_frame(search_all_runs(tracker.client, context.experiment_id, f"tags.`{CELL_TAG}` = '{cell.label}'"))
         record_search(tracker, context.parent_run_id, trials, cell, spec)
         best = best_params(trials, cell, spec)
         (summary,) = [s for s in summarise(trials, spec) if s.cell == cell.label]
+        searches.append(summary)
         say(f"search {cell.label}: {summary.trials} trials, {summary.stopped} stopped early, {summary.failed} failed; "
             + ("no trial finished its budget" if best is None else
                f"best {best} ({spec.search.metric} {summary.best_val:.2f}, test_acc_binary {summary.best_test:.2f})"), log)
@@ -253,6 +255,7 @@ def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context
     if missing:
         interruption.fit(sweep_tuner(spec, missing, {key for stage in missing for key in stage.inputs.values()},
                                      context, verbose))
+    return searches
 
 
 def say(text: str, log: Log) -> None:

@@ -130,6 +130,7 @@ def test_optuna_with_asha_stops_early_records_each_trial_once_and_resumes(tmp_pa
     resumed = bnew("sweep", "resume", str(path), "--local", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Traceback" not in resumed.stdout + resumed.stderr and "ERROR" not in resumed.stdout + resumed.stderr
+    assert f"; {samples} search trials in 1 cell (" in resumed.stdout, resumed.stdout[-2000:]
     runs = check_search_records(client, "tune-ci", samples, budget)
     after = {run.info.run_id: run for run in runs}
     for run_id, run in before.items():  # finished before the stop: not trained again
