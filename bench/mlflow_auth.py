@@ -1,11 +1,11 @@
 """`python -m bench.mlflow_auth`: what MLflow's basic-auth app costs per request, side by side.
 
 Starts three `mlflow server` processes on loopback (SQLite, one worker each): without auth, with
-the basic-auth app as MLflow ships it, and with the basic-auth app and its login cache
-(`auth_cache_ttl_seconds`, as `cluster/mlflow_basic_auth.ini` and `cluster/start_local.sh` set
-it). Sends the same request (`experiments/get-by-name`) `--requests` times to each, in turn,
-and prints the median and p95 latency and the ratios. A trial sends about 38 requests, so the
-per-request cost times 38 is what the server spends on each trial.
+the basic-auth app as the cluster ships it (`cluster/mlflow_basic_auth.ini`, whose login cache
+`auth_cache_ttl_seconds` keeps a good login for a while), and with the same ini without the
+cache, as MLflow ships it. Sends the same request (`experiments/get-by-name`) `--requests` times
+to each, in turn, and prints the median and p95 latency and the ratios. A trial sends about 38
+requests, so the per-request cost times 38 is what the server spends on each trial.
 """
 
 from __future__ import annotations
@@ -24,25 +24,29 @@ import requests
 from bench.sweep_load import free_port, percentile
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "bench-password-1234"
-SERVERS = {"no auth": None, "basic auth": 0, "basic auth, cached": 300}
-"""Server label -> the basic-auth app's `auth_cache_ttl_seconds` (None: the plain server)."""
+SERVERS = {"no auth": None, "basic auth": False, "basic auth, cached": True}
+"""Server label -> whether the basic-auth app keeps the shipped ini's login cache (None: no auth)."""
 
 
-def start_server(folder: Path, cache_ttl: int | None) -> tuple[subprocess.Popen, int]:
+def auth_ini(folder: Path, cached: bool) -> str:
+    """cluster/mlflow_basic_auth.ini with its users in `folder`, without the login cache unless `cached`."""
+    lines = (REPO / "cluster" / "mlflow_basic_auth.ini").read_text().replace(
+        "sqlite:////var/lib/mlflow-auth/", f"sqlite:///{folder}/").splitlines()
+    return "\n".join(line for line in lines if cached or not line.startswith("auth_cache_ttl_seconds")) + "\n"
+
+
+def start_server(folder: Path, cached: bool | None) -> tuple[subprocess.Popen, int]:
     folder.mkdir(parents=True)
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
-    if cache_ttl is not None:
-        (folder / "auth.ini").write_text(
-            "[mlflow]\ndefault_permission = READ\n"
-            f"database_uri = sqlite:///{folder / 'auth.db'}\nadmin_username = admin\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-            f"auth_cache_ttl_seconds = {cache_ttl}\n")
-        env.update(MLFLOW_AUTH_CONFIG_PATH=str(folder / "auth.ini"), MLFLOW_AUTH_ADMIN_PASSWORD=PASSWORD,
-                   MLFLOW_FLASK_SERVER_SECRET_KEY="bench")
+    if cached is not None:
+        (folder / "auth.ini").write_text(auth_ini(folder, cached))
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(folder / "auth.ini"), MLFLOW_AUTH_ADMIN_USERNAME="admin",
+                   MLFLOW_AUTH_ADMIN_PASSWORD=PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY="bench")
         command[2:2] = ["--app-name", "basic-auth"]
     log = open(folder / "server.log", "w")
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), port
@@ -76,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=50, help="requests per server (default 50)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bnew-auth-bench-") as state:
-        servers = {label: start_server(Path(state) / str(index), ttl)
-                   for index, (label, ttl) in enumerate(SERVERS.items())}
+        servers = {label: start_server(Path(state) / str(index), cached)
+                   for index, (label, cached) in enumerate(SERVERS.items())}
         try:
             for _, port in servers.values():
                 wait_ready(port)

@@ -245,8 +245,10 @@ def measure(cluster: LoopbackCluster, work: Path, label: str, trials: int, epoch
     with cluster.as_client():
         records = read_records(cluster.tracking_uri, spec["name"], epochs)
     reused = re.search(r"(\d+) stages reused", sweep.output)
-    if reused is None or int(reused.group(1)):  # reused stages would cost nothing and skew every row
-        raise RuntimeError(f"{label}: stages reused from an earlier sweep: {reused.group(0) if reused else sweep.output[-2000:]}")
+    if reused is None:
+        raise RuntimeError(f"{label}: the sweep did not say how many stages it reused:\n{sweep.output[-2000:]}")
+    if int(reused.group(1)):  # reused stages would cost nothing and skew every row
+        raise RuntimeError(f"{label}: {reused.group(0)} from an earlier sweep")
     problems = [f"{len(records.runs_per_key)} stage keys recorded, {trials} planned"] if len(records.runs_per_key) != trials else []
     problems += [f"stage {key}: {count} runs" for key, count in records.runs_per_key.items() if count != 1]
     problems += records.bad_steps + [f"{name}: not FINISHED" for name in records.unfinished]

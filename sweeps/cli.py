@@ -253,13 +253,12 @@ def plan(
 
 
 def report_outcome(outcome, plan, spec_arg: str) -> None:
+    from sweeps.tuning import searches_line
+
     typer.echo(
         f"sweep {plan.spec.name}: {len(outcome.trained)} stages trained, {len(outcome.reused)} reused, "
         f"{len(outcome.failed)} failed or interrupted, {len(outcome.not_run)} not run"
-        + (f"; {sum(s.trials for s in outcome.searches)} search trials in {len(outcome.searches)} "
-           f"cell{'s' if len(outcome.searches) > 1 else ''} "
-           f"({sum(s.stopped for s in outcome.searches)} stopped early, {sum(s.failed for s in outcome.searches)} failed)"
-           if outcome.searches else "")
+        + (f"; {searches_line(outcome.searches)}" if outcome.searches else "")
     )
     for key in sorted(outcome.failed, key=lambda key: plan.stages[key].name):
         typer.echo(f"failed: {plan.stages[key].name} (stage {key})", err=True)

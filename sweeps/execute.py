@@ -37,7 +37,7 @@ from sweeps.plan import Plan, Stage, check_data_roots
 from sweeps.spec import SweepSpec, dump_spec
 from sweeps.storage import check_storage_reaches_every_node, experiment_uris
 from sweeps.tracking import Tracker, is_local_uri, is_loopback
-from sweeps.tuning import run_cells, tuned_cells
+from sweeps.tuning import CellSearch, run_cells, tuned_cells
 
 FAULT_ENV = "BNEW_SWEEP_FAULT"
 """Test hook: `PATTERN@EPOCH[:exit]` makes the first attempt of every trial whose run name
@@ -75,8 +75,8 @@ class SweepOutcome:
     """Never started: an input failed, or the sweep was interrupted first."""
     interrupted: str | None = None
     """The signal that stopped the sweep (SIGINT, SIGTERM), if one did."""
-    searches: list[Any] = field(default_factory=list)
-    """`sweeps.tuning.CellSearch` of each cell searched to its end by this run."""
+    searches: list[CellSearch] = field(default_factory=list)
+    """Each cell searched to its end by this run."""
 
 
 # --- one stage, in whatever process runs it ---------------------------------------------------

@@ -220,7 +220,7 @@ def available_cpus() -> float:
 
 
 def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context: Any, interruption: Any,
-              log: Log, verbose: bool) -> list["CellSearch"]:
+              log: Log, verbose: bool) -> list[CellSearch]:
     """Search every cell (one after the other), record each search's history on the parent run,
     then train the other seeds with each cell's best params. Returns the searches that ended."""
     from sweeps.execute import sweep_tuner
@@ -281,6 +281,12 @@ class CellSearch:
     best_params: dict[str, str]
     best_val: float | None
     best_test: float | None
+
+
+def searches_line(searches: list[CellSearch]) -> str:
+    """The searches of a run in a few words, for its closing line."""
+    return (f"{sum(s.trials for s in searches)} search trials in {len(searches)} cell{'s' if len(searches) > 1 else ''} "
+            f"({sum(s.stopped for s in searches)} stopped early, {sum(s.failed for s in searches)} failed)")
 
 
 def search_trials(trials: Any, cell: str, first_seed: int) -> Any:
