@@ -157,7 +157,9 @@ def test_submitted_demo_runs_on_every_worker_node(cluster: dict[str, str], tmp_p
     from mlflow import MlflowClient
 
     env = client_env(cluster, tmp_path)
-    submitted = bnew("sweep", "submit", "demo", "--max-epochs", "1", "--max-batches", "2", env=env, cwd=tmp_path)
+    # Stages of 3 full digits epochs (seconds each): two run at once, so both nodes train. Sub-second
+    # stages could all follow each other on one node's reused actor.
+    submitted = bnew("sweep", "submit", "demo", "--max-epochs", "3", env=env, cwd=tmp_path)
     job = submitted_job(submitted)
     assert re.search(r"MLflow: http://127\.0\.0\.1:\d+/#/experiments/\d+", submitted.stdout)
     assert f"bnew sweep logs {job} --follow" in submitted.stdout and "versions differ" not in submitted.stderr
