@@ -126,7 +126,7 @@ class TuneReporter(Callback):
     """Per-epoch metrics and the resumable checkpoint to Tune (and the fault-injection hook)."""
 
     def __init__(self, run_name: str, first_attempt: bool, held_epoch: int | None = None):
-        self.fault_epoch, self.fault_exit = parse_fault(run_name) if first_attempt else (None, False)
+        self.fault_epoch, self.fault_how = parse_fault(run_name) if first_attempt else (None, "")
         self.held_epoch = held_epoch
         """An epoch whose metrics wait in `held` for the caller to report (after the run is recorded)."""
         self.held: Metrics | None = None
@@ -145,19 +145,23 @@ class TuneReporter(Callback):
                 shutil.copy2(checksum_path(checkpoint), Path(directory) / checksum_path(checkpoint).name)
                 tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(directory))
         if epoch == self.fault_epoch:
-            if self.fault_exit:
+            if self.fault_how == "exit":
                 os._exit(1)
             raise RuntimeError(f"{FAULT_ENV}: injected failure after epoch {epoch}")
 
 
-def parse_fault(run_name: str) -> tuple[int | None, bool]:
-    """The epoch after which this trial should fail, from `BNEW_SWEEP_FAULT`, and whether to exit."""
+def parse_fault(run_name: str) -> tuple[int | None, str]:
+    """When this trial should fail, from `BNEW_SWEEP_FAULT` (`<run name pattern>@<when>`): after
+    epoch N (`N`, raising; `N:exit`, the process exiting), or with `recorded`, its process exits
+    once its run is recorded, before Tune hears that it ended (as when the driver stops then)."""
     setting = os.environ.get(FAULT_ENV, "")
     pattern, _, when = setting.rpartition("@")
     if not setting or not fnmatch.fnmatch(run_name, pattern):
-        return None, False
+        return None, ""
+    if when == "recorded":
+        return None, when
     epoch, _, how = when.partition(":")
-    return int(epoch), how == "exit"
+    return int(epoch), how
 
 
 def execute_stage(
@@ -235,6 +239,11 @@ def tune_trial(config: dict[str, Any], hold_last_report: bool = False) -> None:
         resume_from, corrupt = None, []
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
+            recorded = [run for run in Tracker(context.tracking_uri).own_runs(context.experiment_id, stage, stage.roles[0])
+                        if run.info.status == "FINISHED"]
+            if recorded:  # it recorded itself, but the driver stopped before Tune saw it end: not trained again
+                tune.report(dict(recorded[0].data.metrics))
+                return
             resume_from, corrupt = restore_checkpoint(checkpoint, Path(work_dir) / "restored")
         tags = {CHECKPOINT_CORRUPT_TAG: "; ".join(corrupt)[:4000]} if corrupt else {}
         reporter = TuneReporter(stage.name, first_attempt=checkpoint is None,
@@ -245,6 +254,8 @@ def tune_trial(config: dict[str, Any], hold_last_report: bool = False) -> None:
         except BnewError as exc:  # recorded FAILED by execute_stage; a retry would fail the same way
             tune.report({STAGE_FAILED: True, "bnew_error": str(exc)})
             return
+        if reporter.fault_how == "recorded":
+            os._exit(1)
         if reporter.held is not None:
             tune.report(reporter.held)
 

@@ -193,9 +193,8 @@ class Tracker:
     # --- trial runs ----------------------------------------------------------------------
     def open_trial_run(self, experiment_id: str, parent_run_id: str, sweep: str, stage: Stage, role: Role) -> str:
         """The trial's run: a retry or a rerun of the sweep continues the unfinished one."""
-        for run in self.runs_of_stage(stage.key, [experiment_id]):
-            same_role = run.info.run_name == role.name and not {REUSED_FROM_TAG, STOPPED_EARLY_TAG} & set(run.data.tags)
-            if same_role and run.info.status != "FINISHED":
+        for run in self.own_runs(experiment_id, stage, role):
+            if run.info.status != "FINISHED":
                 self.client.update_run(run.info.run_id, status="RUNNING")
                 if "bnew.error" in run.data.tags:
                     self.client.delete_tag(run.info.run_id, "bnew.error")
@@ -205,6 +204,12 @@ class Tracker:
         ).info.run_id
         self.log_params(run_id, stage.config)
         return run_id
+
+    def own_runs(self, experiment_id: str, stage: Stage, role: Role) -> list[Run]:
+        """The runs that trained `role` in the experiment (not those linked to a run of another sweep,
+        nor those a scheduler stopped early: their stage is trained again in a new run)."""
+        return [run for run in self.runs_of_stage(stage.key, [experiment_id])
+                if run.info.run_name == role.name and not {REUSED_FROM_TAG, STOPPED_EARLY_TAG} & set(run.data.tags)]
 
     @staticmethod
     def trial_tags(parent_run_id: str, sweep: str, stage: Stage, role: Role) -> dict[str, str]:

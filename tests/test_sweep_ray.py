@@ -116,6 +116,19 @@ def test_killed_trial_is_retried_from_its_checkpoint(tmp_path: Path) -> None:
     assert sorted(steps) == [0, 1, 2, 3]  # every epoch once, also those retrained after the kill
 
 
+def test_a_trial_lost_after_recording_itself_is_not_trained_or_recorded_again(tmp_path: Path) -> None:
+    """Its process exits once its run is FINISHED in MLflow, before Tune hears that it ended (the
+    window a stopped driver leaves open): Tune retries it from its checkpoint, and the retry reports
+    the recorded result instead of training a second run."""
+    spec = write_spec(tmp_path, "lost", max_failures=1)
+    result = bnew("sweep", "run", str(spec), "--local", "--max-batches", "3", cwd=tmp_path, fault="*/bnew/*@recorded")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trial = the_trial(store(tmp_path), "lost")  # one run per stage
+    assert trial.info.status == "FINISHED" and "bnew.resumed_from_epoch" not in trial.data.tags
+    steps = [m.step for m in store(tmp_path).get_metric_history(trial.info.run_id, "loss")]
+    assert sorted(steps) == [0, 1, 2, 3]
+
+
 def test_failed_sweep_resumes_from_checkpoints_without_rerunning_finished_stages(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, "interrupted", max_failures=0)
     failed = bnew("sweep", "run", str(spec), "--local", "--max-batches", "3", cwd=tmp_path, fault="*/bnew/*@1")
