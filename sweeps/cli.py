@@ -205,8 +205,8 @@ def print_plan(plan, reused: set[str]) -> None:
                   f"{size.epochs} trial-epochs in all, {plan.epochs(todo) + search.epochs} still to train")
     if search.cells:
         stopping = f"; {plan.spec.scheduler.name} stops weak trials early (so 'at most')" if plan.spec.scheduler else ""
-        console.print(f"search: {plan.spec.search.samples} Optuna trials per cell on its first seed, "
-                      f"the other seeds repeat its best params{stopping}")
+        console.print(f"search: {plan.spec.search.samples} Optuna suggestions per cell, each trained on every seed "
+                      f"of the cell (the mean is the objective){stopping}")
 
 
 @sweep_app.command("list")

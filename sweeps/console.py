@@ -278,7 +278,7 @@ class TuneEvents(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         for console in ACTIVE:
-            with console.view.lock:  # a stage planned after the view (a tuned cell's repeat of its best params)
+            with console.view.lock:  # a stage planned after the view (a search's trial)
                 console.view.stages.setdefault(stage_key(trial), SweepView.of_stages([Stage.from_dict(trial.config["stage"])])
                                                .stages[stage_key(trial)])
             done = trial.last_result.get("epoch") if trial.last_result else None

@@ -501,7 +501,7 @@ def run_sweep(
     templates = {template.key for cell in cells for template in cell.templates}
     pending = [stage for key, stage in plan.stages.items() if key not in outcome.reused and key not in templates]
     log(f"{len(outcome.reused)} stages reused, {len(pending)} to train ({plan.epochs({s.key for s in pending})} epochs)"
-        + (f", then {len(cells)} searches of {spec.search.samples} trials each" if cells else ""))
+        + (f", then {len(cells)} searches of {spec.search.samples} params x their seeds" if cells else ""))
     interruption = Interruption()
     console = None
     try:

@@ -342,15 +342,16 @@ class SearchSettings(StrictModel):
     ablation, dataset, budget and distillation point).
 
     `grid` and `random` cross the params at plan time (lists as given, search spaces drawn
-    `samples` times each); `optuna` tunes each cell with Ray Tune's `OptunaSearch`, `samples`
-    trials per cell, on the cell's first seed (the other seeds repeat its best params)."""
+    `samples` times each); `optuna` tunes each cell with Ray Tune's `OptunaSearch`: `samples`
+    suggestions per cell, each trained on every seed of the cell, the mean over the seeds being
+    the objective (Tune's `Repeater`)."""
 
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     metric: str = "val_acc_binary"
     """The epoch metric the search optimises; a validation metric, never the test set's."""
     mode: Literal["max", "min"] = "max"
     samples: int = Field(10, gt=0)
-    """Trials per cell (optuna)."""
+    """Suggestions per cell (optuna); each is one trial per seed."""
 
     @field_validator("metric")
     @classmethod
@@ -367,8 +368,10 @@ class SchedulerSettings(StrictModel):
     `MedianStoppingRule` (`median`), on `search.metric` per epoch."""
 
     name: Literal["asha", "median"] = "asha"
-    grace_epochs: int = Field(1, gt=0)
-    """Epochs every trial trains before it may be stopped."""
+    grace_epochs: int | None = Field(None, gt=0)
+    """Epochs every trial trains before it may be stopped. Default: up to the first frozen epoch
+    for optimisers that end with a freeze (BNEW, BMD: their binary accuracy before it is near
+    chance for the settings that end best), 1 for the others."""
     reduction_factor: float = Field(3.0, gt=1)
     """ASHA: the share of trials kept at each rung is 1/reduction_factor."""
 

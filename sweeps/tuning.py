@@ -8,9 +8,10 @@ search (its own study) and the scheduler must never stop a teacher or a pretrain
 graph's Tuner first trains the prerequisites as before, then each cell gets a Tuner of its own
 (one Tune experiment per cell under `<storage>/<sweep>/tuning/`, restored with its searcher
 state when it exists, so an interrupted search continues and never reruns a finished trial).
-The search runs on the cell's first seed; the other seeds repeat its best params as ordinary
-stages. A trial is a stage like any other (content key, MLflow run, checkpoints, retries); one a
-scheduler stopped ends KILLED with the tag `bnew.stopped_early`, and is never reused."""
+The seeds are repeats: Tune's `Repeater` trains each suggestion on every seed of the cell and
+tells Optuna the mean, so one lucky run does not pick the params. A trial is a stage like any
+other (content key, MLflow run, checkpoints, retries); one a scheduler stopped ends KILLED with
+the tag `bnew.stopped_early`, and is never reused."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+import pandas as pd
 from ray.tune import Callback
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search.repeater import TRIAL_INDEX
 
 from bnew_core.config import build_trial_config
 from sweeps.plan import FINAL_PHASES, RUN_SPECIFIC_FIELDS, Plan, Role, Stage, deep_merge, param_applies, stage_key
@@ -41,7 +45,8 @@ class TunedCell:
     label: str
     """Its final stages' run name without the seed (`demo/bnew/baseline/budget4`)."""
     templates: list[Stage]
-    """The plan's final stage per seed (tuned params at their settings' value), first seed first."""
+    """The plan's final stage per seed (tuned params at their settings' value), first seed first:
+    the repeats of each suggestion."""
 
     @property
     def experiment_name(self) -> str:
@@ -66,7 +71,7 @@ class SearchSize:
 
     cells: int
     trials: int
-    """Search trials (`search.samples` per cell) and the best params' repeats on the other seeds."""
+    """Search trials: `search.samples` suggestions per cell, each trained on every seed of the cell."""
     epochs: int
     """At most: every trial trains its full budget unless the scheduler stops it."""
     templates: set[str]
@@ -75,7 +80,7 @@ class SearchSize:
 
 def search_size(plan: Plan) -> SearchSize:
     cells = tuned_cells(plan)
-    runs = [(plan.spec.search.samples + len(cell.templates) - 1, cell.templates[0].epochs) for cell in cells]
+    runs = [(plan.spec.search.samples * len(cell.templates), cell.templates[0].epochs) for cell in cells]
     return SearchSize(len(cells), sum(trials for trials, _ in runs), sum(trials * epochs for trials, epochs in runs),
                       {template.key for cell in cells for template in cell.templates})
 
@@ -117,8 +122,9 @@ def tuned_stage(template: Stage, params: dict[str, Any], label: str) -> Stage:
 
 
 def trial_stage(config: dict[str, Any]) -> Stage:
-    """The stage a tuning trial trains, from its Tune config."""
-    return tuned_stage(Stage.from_dict(config["template"]), config["params"], config["cell"])
+    """The stage a tuning trial trains, from its Tune config: the suggested params on the seed of
+    the `Repeater`'s index."""
+    return tuned_stage(Stage.from_dict(config["templates"][config[TRIAL_INDEX]]), config["params"], config["cell"])
 
 
 def tuning_trial(config: dict[str, Any]) -> None:
@@ -160,26 +166,77 @@ def mark_stopped(tracker: Tracker, experiment_id: str, stage: Stage, done: int, 
                                killed=True)
 
 
-def trial_scheduler(spec: SweepSpec, budget: int) -> Any:
-    """Tune's own scheduler for the spec's `scheduler` (None: every trial runs its budget)."""
+def grace_epochs(spec: SweepSpec, template: Stage) -> int:
+    """Epochs a cell's trials train before the scheduler may stop them: the spec's `grace_epochs`,
+    or by default up to the first frozen epoch of an optimiser that ends with a freeze (BNEW, BMD),
+    because their binary accuracy before the freeze says little about the end (README, "Tuning")."""
+    if spec.scheduler.grace_epochs is not None:
+        return min(spec.scheduler.grace_epochs, template.epochs)
+    freeze = (template.config.get("optimiser") or {}).get("freeze_epochs") or 0
+    return template.epochs - freeze + 1 if freeze else 1
+
+
+def trial_scheduler(spec: SweepSpec, template: Stage) -> Any:
+    """Tune's own scheduler for the spec's `scheduler`, one per seed (None: every trial runs its budget)."""
     from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
-    settings = spec.scheduler
+    settings, search = spec.scheduler, spec.search
     if settings is None:
         return None
     if settings.name == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=budget, grace_period=min(settings.grace_epochs, budget),
-                             reduction_factor=settings.reduction_factor, stop_last_trials=False)
+        return PerSeed(lambda: ASHAScheduler(
+            time_attr="training_iteration", metric=search.metric, mode=search.mode, max_t=template.epochs,
+            grace_period=grace_epochs(spec, template), reduction_factor=settings.reduction_factor, stop_last_trials=False))
     # Never yield to waiting trials (min_time_slice): a paused trial restarts from its last
     # checkpoint, retraining epochs (and, after its last epoch, recording itself a second time).
-    return MedianStoppingRule(time_attr="training_iteration", grace_period=settings.grace_epochs,
-                              min_time_slice=float("inf"))
+    return PerSeed(lambda: MedianStoppingRule(time_attr="training_iteration", metric=search.metric, mode=search.mode,
+                                              grace_period=grace_epochs(spec, template), min_time_slice=float("inf")))
+
+
+class PerSeed(FIFOScheduler):
+    """Tune's scheduler (`ASHAScheduler`, `MedianStoppingRule`) once per seed: each ranks only the
+    trials of its seed (the `Repeater`'s index). The seed moves accuracy more than the tuned params
+    do (its own pretrained model and init: on digits, seed 1 read 5-10 points above seeds 0 and 2
+    for almost every lambda_rate), so one scheduler over all seeds stopped whole seeds instead of
+    weak params. Trials start first come, first served, as under each of them (neither pauses)."""
+
+    def __init__(self, make: Callable[[], TrialScheduler]):
+        super().__init__()
+        self.make = make
+        self.schedulers: dict[int, TrialScheduler] = {}
+
+    def of(self, trial: Any) -> TrialScheduler:
+        index = trial.config[TRIAL_INDEX]
+        if index not in self.schedulers:
+            self.schedulers[index] = self.make()
+        return self.schedulers[index]
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self.of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self.of(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        return self.of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self.of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self.of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "; ".join(f"seed #{index}: {scheduler.debug_string()}" for index, scheduler in sorted(self.schedulers.items()))
 
 
 def cell_tuner(spec: SweepSpec, cell: TunedCell, context: Any, verbose: bool) -> Any:
-    """The cell's Tuner: restored with its searcher's state if its experiment exists, else new."""
+    """The cell's Tuner: restored with its searcher's state if its experiment exists, else new.
+    Optuna suggests, `Repeater` trains each suggestion once per seed and tells Optuna the mean;
+    Tune's docs advise against early stopping under a `Repeater` because a stopped repeat lowers
+    its suggestion's mean, which here only makes a suggestion that a scheduler judged weak look weak."""
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search import ConcurrencyLimiter, Repeater
     from ray.tune.search.optuna import OptunaSearch
 
     from sweeps.execute import REUSE_ACTORS, trainable, tune_run_config, tune_storage
@@ -190,7 +247,8 @@ def cell_tuner(spec: SweepSpec, cell: TunedCell, context: Any, verbose: bool) ->
         return tune.Tuner.restore(path, trainable_fn, resume_unfinished=True, resume_errored=True)
     search = spec.search
     template = cell.templates[0]
-    searcher = OptunaSearch(metric=search.metric, mode=search.mode, seed=spec.axes.seed[0])
+    optuna = OptunaSearch(metric=search.metric, mode=search.mode, sampler=tpe_sampler(search.samples, spec.axes.seed[0]))
+    searcher = Repeater(optuna, repeat=len(cell.templates), set_index=True)
     max_concurrent = spec.max_concurrent or max(1, int(available_cpus() // spec.resources.cpu))
     run_config = tune_run_config(spec, cell.experiment_name, verbose)
     run_config.storage_path = f"{tune_storage(spec)}/{TUNING_FOLDER}"
@@ -199,18 +257,27 @@ def cell_tuner(spec: SweepSpec, cell: TunedCell, context: Any, verbose: bool) ->
     return tune.Tuner(
         trainable_fn,
         param_space={
-            "template": template.to_dict(), "sweep": asdict(context), "cell": cell.label, "metric": search.metric,
+            "templates": [seed.to_dict() for seed in cell.templates], "sweep": asdict(context), "cell": cell.label,
+            "metric": search.metric,
             "params": {key: spec.tuned_params()[key].domain() for key in cell_params(spec, template)},
         },
         tune_config=tune.TuneConfig(
-            metric=search.metric, mode=search.mode, num_samples=search.samples,
+            metric=search.metric, mode=search.mode, num_samples=search.samples * len(cell.templates),
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), reuse_actors=REUSE_ACTORS,
-            scheduler=trial_scheduler(spec, template.epochs),
+            scheduler=trial_scheduler(spec, template),
             trial_name_creator=lambda trial: trial_stage(trial.config).name,
             trial_dirname_creator=lambda trial: f"{cell.experiment_name[:40]}_{trial.trial_id}",
         ),
         run_config=run_config,
     )
+
+
+def tpe_sampler(samples: int, seed: int) -> Any:
+    """Optuna's TPE sampler, guided after a third of the samples (2 to 10) drawn at random: its
+    default of 10 random draws first would leave searches of 6 or 12 samples random search."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, samples // 3)))
 
 
 def available_cpus() -> float:
@@ -221,40 +288,30 @@ def available_cpus() -> float:
 
 def run_cells(spec: SweepSpec, cells: list[TunedCell], tracker: Tracker, context: Any, interruption: Any,
               log: Log, verbose: bool) -> list[CellSearch]:
-    """Search every cell (one after the other), record each search's history on the parent run,
-    then train the other seeds with each cell's best params. Returns the searches that ended."""
-    from sweeps.execute import sweep_tuner
+    """Search every cell (one after the other) and record each search's history on the parent
+    run. Returns the searches that ended."""
     from sweeps.report import search_all_runs, trial_frame
 
-    repeats: list[Stage] = []
     searches: list[CellSearch] = []
     for cell in cells:
-        tuner = cell_tuner(spec, cell, context, verbose)
-        interruption.fit(tuner)
+        interruption.fit(cell_tuner(spec, cell, context, verbose))
+        runs = search_all_runs(tracker.client, context.experiment_id, f"tags.`{CELL_TAG}` = '{cell.label}'")
         if interruption.signal_name is not None:  # Tune saved the search; its running trials are stopped
-            runs = {run.info.run_id: [run] for run in tracker.trial_runs(context.experiment_id)
-                    if run.data.tags.get(CELL_TAG) == cell.label and STOPPED_EARLY_TAG not in run.data.tags}
-            tracker.kill_running_trials(context.experiment_id, runs,
+            tracker.kill_running_trials(context.experiment_id, {run.info.run_id: [run] for run in runs
+                                                                if STOPPED_EARLY_TAG not in run.data.tags},
                                         f"interrupted ({interruption.signal_name}); `bnew sweep resume` continues it")
             return searches
         # A stopped trial's actor, torn down after the callback marked its run, leaves the mark
         # alone (`execute_stage` records a stop only on a run still RUNNING).
-        trials = trial_frame(search_all_runs(tracker.client, context.experiment_id, f"tags.`{CELL_TAG}` = '{cell.label}'"))
+        trials = trial_frame(runs)
         record_search(tracker, context.parent_run_id, trials, cell, spec)
-        best = best_params(trials, cell, spec)
-        (summary,) = [s for s in summarise(trials, spec) if s.cell == cell.label]
+        (summary,) = summarise(trials, spec)
         searches.append(summary)
-        say(f"search {cell.label}: {summary.trials} trials, {summary.stopped} stopped early, {summary.failed} failed; "
-            + ("no trial finished its budget" if best is None else
-               f"best {best} ({spec.search.metric} {summary.best_val:.2f}, test_acc_binary {summary.best_test:.2f})"), log)
-        if best is None:
-            continue
-        repeats += [tuned_stage(other, best, cell.label) for other in cell.templates[1:]]
-    finished = tracker.finished_stages([stage.key for stage in repeats])
-    missing = [stage for stage in repeats if stage.key not in finished]
-    if missing:
-        interruption.fit(sweep_tuner(spec, missing, {key for stage in missing for key in stage.inputs.values()},
-                                     context, verbose))
+        say(f"search {cell.label}: {summary.trials} trials ({summary.samples} params x {summary.seeds} seeds), "
+            f"{summary.stopped} stopped early, {summary.failed} failed; "
+            + ("no params finished their budget on every seed" if summary.best_val is None else
+               f"best {summary.shown_params()} (mean of {summary.seeds} seeds: {spec.search.metric} {summary.best_val:.2f}, "
+               f"test_acc_binary {summary.best_test:.2f})"), log)
     return searches
 
 
@@ -275,12 +332,20 @@ class CellSearch:
 
     cell: str
     trials: int
-    """Search trials with a run (the best params' repeats on other seeds not counted)."""
+    """Its runs: each suggested set of params once per seed."""
+    samples: int
+    """Suggested sets of params."""
+    seeds: int
     stopped: int
     failed: int
     best_params: dict[str, str]
+    """The params with the best mean of `search.metric` among those that finished their budget on every seed."""
     best_val: float | None
+    """Their mean `search.metric` over the seeds, and their mean test accuracy."""
     best_test: float | None
+
+    def shown_params(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.best_params.items()) or "-"
 
 
 def searches_line(searches: list[CellSearch]) -> str:
@@ -289,35 +354,44 @@ def searches_line(searches: list[CellSearch]) -> str:
             f"({sum(s.stopped for s in searches)} stopped early, {sum(s.failed for s in searches)} failed)")
 
 
-def search_trials(trials: Any, cell: str, first_seed: int) -> Any:
-    """The rows of the report's trial frame (`sweeps.report.load_sweep`) that are `cell`'s search:
-    its first seed's tuned runs."""
+def search_trials(trials: Any, cell: str) -> Any:
+    """The rows of the report's trial frame (`sweeps.report.load_sweep`) that are `cell`'s search."""
     column = CELL_TAG.removeprefix("bnew.")
     if column not in trials:
         return trials.iloc[0:0]
-    return trials[(trials[column] == cell) & (trials["seed"] == str(first_seed))]
+    return trials[trials[column] == cell]
 
 
 def summarise(trials: Any, spec: SweepSpec) -> list[CellSearch]:
-    """Per cell: how many trials ran, were stopped and failed, and the best finished trial's params,
-    validation (`search.metric`) and test accuracy."""
+    """Per cell: how many trials ran, were stopped and failed, and the params whose runs finished
+    their budget on every seed with the best mean of `search.metric`, with that mean and their
+    mean test accuracy."""
     column = CELL_TAG.removeprefix("bnew.")
     if column not in trials or spec.search is None:
         return []
     metric, sign = spec.search.metric, 1 if spec.search.mode == "max" else -1
+    stopped_column = STOPPED_EARLY_TAG.removeprefix("bnew.")
     summaries = []
     for cell in sorted(set(trials[column]) - {""}):
-        search = search_trials(trials, cell, spec.axes.seed[0])
+        search = search_trials(trials, cell)
+        params = [key for key in search if key.startswith("param.") and (search[key] != "").any()]
+        seeds = search["seed"].nunique()
         finished = search[(search["status"] == "FINISHED") & search["metrics"].map(lambda m: metric in m)]
-        best = None if finished.empty else finished.loc[finished["metrics"].map(lambda m: sign * m[metric]).idxmax()]
-        stopped_column = STOPPED_EARLY_TAG.removeprefix("bnew.")
+        means = pd.DataFrame({
+            "val": finished["metrics"].map(lambda m: m[metric]),
+            "test": finished["metrics"].map(lambda m: m.get("test_acc_binary", float("nan"))),
+            **{key: finished[key] for key in params},
+        }).groupby(params).agg(val=("val", "mean"), test=("test", "mean"), seeds=("val", "size")) if params else None
+        complete = None if means is None else means[means["seeds"] == seeds]
+        best = None if complete is None or complete.empty else (sign * complete["val"]).idxmax()
         summaries.append(CellSearch(
-            cell=cell, trials=len(search), stopped=int((search[stopped_column] != "").sum()) if stopped_column in search else 0,
+            cell=cell, trials=len(search), samples=search.groupby(params).ngroups if params else 0, seeds=seeds,
+            stopped=int((search[stopped_column] != "").sum()) if stopped_column in search else 0,
             failed=int((search["status"] == "FAILED").sum()),
-            best_params={} if best is None else {key.removeprefix("param."): best[key] for key in best.index
-                                                 if key.startswith("param.") and best[key] != ""},
-            best_val=None if best is None else best["metrics"][metric],
-            best_test=None if best is None else best["metrics"].get("test_acc_binary"),
+            best_params={} if best is None else dict(zip((key.removeprefix("param.") for key in params),
+                                                         best if isinstance(best, tuple) else (best,))),
+            best_val=None if best is None else float(complete.loc[best, "val"]),
+            best_test=None if best is None else float(complete.loc[best, "test"]),
         ))
     return summaries
 
@@ -338,22 +412,14 @@ def best_runs_only(trials: Any, spec: SweepSpec) -> Any:
 
 
 def render_markdown(summaries: list[CellSearch], metric: str) -> str:
-    lines = ["## Tuning", "", f"| cell | best params | {metric} | test_acc_binary | trials | stopped early | failed |",
+    lines = ["## Tuning", "", "Per cell, the params with the best mean over the seeds (all trained to their budget).", "",
+             f"| cell | best params | {metric} | test_acc_binary | trials (params x seeds) | stopped early | failed |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for s in summaries:
-        params = ", ".join(f"{key}={value}" for key, value in s.best_params.items()) or "-"
         val = "-" if s.best_val is None else f"{s.best_val:.2f}"
         test = "-" if s.best_test is None else f"{s.best_test:.2f}"
-        lines.append(f"| {s.cell} | {params} | {val} | {test} | {s.trials} | {s.stopped} | {s.failed} |")
+        lines.append(f"| {s.cell} | {s.shown_params()} | {val} | {test} | {s.samples} x {s.seeds} | {s.stopped} | {s.failed} |")
     return "\n".join(lines) + "\n"
-
-
-def best_params(trials: Any, cell: TunedCell, spec: SweepSpec) -> dict[str, Any] | None:
-    """The tuned params of the cell's best finished search trial, as the report reads them."""
-    summary = next((s for s in summarise(trials, spec) if s.cell == cell.label), None)
-    if summary is None or summary.best_val is None:
-        return None
-    return {key: type_of(spec, key)(summary.best_params[key]) for key in cell_params(spec, cell.templates[0])}
 
 
 def type_of(spec: SweepSpec, key: str) -> Callable[[str], Any]:
@@ -369,15 +435,13 @@ def record_search(tracker: Tracker, parent_run_id: str, trials: Any, cell: Tuned
     """The search's history on the sweep's parent run: every trial's params, metric, epochs run and
     state (`tuning/<cell>/trials.csv`), the Optuna study's own `trials_dataframe` where Tune saved
     the searcher's state on this machine, and one PNG per tuned param of the metric against it."""
-    import pandas as pd
-
     from sweeps.report import pyplot
 
     metric = spec.search.metric
-    search = search_trials(trials, cell.label, spec.axes.seed[0])
+    search = search_trials(trials, cell.label)
     stopped_column = STOPPED_EARLY_TAG.removeprefix("bnew.")
     frame = pd.DataFrame({
-        "run": search["run_name"], "status": search["status"],
+        "run": search["run_name"], "seed": search["seed"], "status": search["status"],
         "stopped_early": search[stopped_column] != "" if stopped_column in search else False,
         "epochs": search["metrics"].map(lambda m: int(m.get("epoch", -1)) + 1),
         metric: search["metrics"].map(lambda m: m.get(metric)),
@@ -418,7 +482,6 @@ def _png(buffer: io.BytesIO) -> Any:
 def optuna_study_frame(spec: SweepSpec, cell: TunedCell) -> Any:
     """Optuna's `trials_dataframe` of the cell's study, from the searcher state Tune saved in the
     experiment folder (a local storage only)."""
-    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     from sweeps.execute import tune_storage
@@ -426,6 +489,6 @@ def optuna_study_frame(spec: SweepSpec, cell: TunedCell) -> Any:
     folder = Path(f"{tune_storage(spec)}/{TUNING_FOLDER}/{cell.experiment_name}")
     if "://" in str(folder) or not list(folder.glob("searcher-state-*.pkl")):
         return None
-    limiter = ConcurrencyLimiter(OptunaSearch(), max_concurrent=1)
-    limiter.restore_from_dir(str(folder))
-    return limiter.searcher._ot_study.trials_dataframe()  # the study Tune's OptunaSearch keeps
+    searcher = OptunaSearch()  # Tune saves the innermost searcher apart from its wrappers
+    searcher.restore_from_dir(str(folder))
+    return searcher._ot_study.trials_dataframe()  # the study Tune's OptunaSearch keeps

@@ -114,7 +114,7 @@ def test_params_axes_cross_only_the_optimisers_that_have_the_field() -> None:
 
 
 def test_a_search_is_counted_as_the_trials_it_runs(tmp_path, monkeypatch) -> None:
-    """Optuna tuning: per cell, `samples` trials on the first seed and one repeat per other seed;
+    """Optuna tuning: per cell, `samples` suggestions, each trained on every seed of the cell;
     the cells' templates (the plan's final stages with the params at their settings) are not trials."""
     monkeypatch.setenv("BNEW_PROJECT_DIR", str(tmp_path))
     from sweeps.tuning import planned_counts, search_size
@@ -132,12 +132,12 @@ base: {data: {val_size: 100}}
 """
     plan = build_plan(parse_spec(yaml.safe_load(text), "searched.yaml"))
     search = search_size(plan)
-    # bnew has lambda_rate: 2 cells (budgets), each 7 search trials + 2 repeats (seeds 1, 2); ste is a grid.
-    assert (search.cells, search.trials, search.epochs) == (2, 2 * (7 + 2), 9 * 3 + 9 * 5)
+    # bnew has lambda_rate: 2 cells (budgets), each 7 suggestions x 3 seeds; ste is a grid.
+    assert (search.cells, search.trials, search.epochs) == (2, 2 * 7 * 3, 21 * 3 + 21 * 5)
     assert len(search.templates) == 2 * 3
-    assert planned_counts(plan).trials == 2 * 9 + 2 * 3  # and ste: 2 budgets x 3 seeds
+    assert planned_counts(plan).trials == 2 * 21 + 2 * 3  # and ste: 2 budgets x 3 seeds
     spec_path = tmp_path / "searched.yaml"
     spec_path.write_text(text)
     shown = CliRunner().invoke(app, ["sweep", "plan", str(spec_path), "--no-lookup"])
     assert shown.exit_code == 0, shown.output
-    assert "search (2 cells)" in shown.stdout and f"{2 * 9 + 2 * 3} trials" in shown.stdout
+    assert "search (2 cells)" in shown.stdout and f"{2 * 21 + 2 * 3} trials" in shown.stdout
