@@ -154,8 +154,9 @@ class StoppedEarly(Callback):
             return
         if done < stage.epochs:
             mark_stopped(Tracker(self.tracking_uri), self.experiment_id, stage, done, self.scheduler)
-        what = "done   " if done >= stage.epochs else f"stopped by {self.scheduler} after {done} epochs:"
-        say(f"{what} {stage.name}  {trial.config['metric']} {value}", print)
+        what = "done  " if done >= stage.epochs else f"stopped by {self.scheduler} after {done} of {stage.epochs} epochs:"
+        shown = "-" if value is None else f"{value:.2f}"
+        say(f"{what} {stage.name}  {trial.config['metric']} {shown}", print)
 
 
 def mark_stopped(tracker: Tracker, experiment_id: str, stage: Stage, done: int, scheduler: str) -> None:
@@ -277,6 +278,7 @@ def tpe_sampler(samples: int, seed: int) -> Any:
     default of 10 random draws first would leave searches of 6 or 12 samples random search."""
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not its INFO line per study on the console
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, samples // 3)))
 
 
@@ -345,7 +347,15 @@ class CellSearch:
     best_test: float | None
 
     def shown_params(self) -> str:
-        return ", ".join(f"{key}={value}" for key, value in self.best_params.items()) or "-"
+        """The best params, floats to 4 digits (`trials.csv` on the parent run has them whole)."""
+        return ", ".join(f"{key}={shorter(value)}" for key, value in self.best_params.items()) or "-"
+
+
+def shorter(value: str) -> str:
+    try:
+        return f"{float(value):.4g}" if "." in value or "e" in value else value
+    except ValueError:
+        return value
 
 
 def searches_line(searches: list[CellSearch]) -> str:
