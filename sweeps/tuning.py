@@ -386,16 +386,11 @@ def summarise(trials: Any, spec: SweepSpec) -> list[CellSearch]:
         search = search_trials(trials, cell)
         params = [key for key in search if key.startswith("param.") and (search[key] != "").any()]
         seeds = search["seed"].nunique()
-        finished = search[(search["status"] == "FINISHED") & search["metrics"].map(lambda m: metric in m)]
-        means = pd.DataFrame({
-            "val": finished["metrics"].map(lambda m: m[metric]),
-            "test": finished["metrics"].map(lambda m: m.get("test_acc_binary", float("nan"))),
-            **{key: finished[key] for key in params},
-        }).groupby(params).agg(val=("val", "mean"), test=("test", "mean"), seeds=("val", "size")) if params else None
-        complete = None if means is None else means[means["seeds"] == seeds]
-        best = None if complete is None or complete.empty else (sign * complete["val"]).idxmax()
+        means = mean_over_seeds(search, params, metric)
+        complete = means[means["seeds"] == seeds]
+        best = None if complete.empty else (sign * complete["val"]).idxmax()
         summaries.append(CellSearch(
-            cell=cell, trials=len(search), samples=search.groupby(params).ngroups if params else 0, seeds=seeds,
+            cell=cell, trials=len(search), samples=search.groupby(params).ngroups, seeds=seeds,
             stopped=int((search[stopped_column] != "").sum()) if stopped_column in search else 0,
             failed=int((search["status"] == "FAILED").sum()),
             best_params={} if best is None else dict(zip((key.removeprefix("param.") for key in params),
@@ -404,6 +399,17 @@ def summarise(trials: Any, spec: SweepSpec) -> list[CellSearch]:
             best_test=None if best is None else float(complete.loc[best, "test"]),
         ))
     return summaries
+
+
+def mean_over_seeds(search: Any, params: list[str], metric: str) -> Any:
+    """Per suggested params (the `params` columns): the mean `metric` and test accuracy of their
+    finished runs, and how many seeds finished."""
+    finished = search[(search["status"] == "FINISHED") & search["metrics"].map(lambda m: metric in m)]
+    return pd.DataFrame({
+        "val": finished["metrics"].map(lambda m: m[metric]),
+        "test": finished["metrics"].map(lambda m: m.get("test_acc_binary", float("nan"))),
+        **{key: finished[key] for key in params},
+    }).groupby(params).agg(val=("val", "mean"), test=("test", "mean"), seeds=("val", "size"))
 
 
 def best_runs_only(trials: Any, spec: SweepSpec) -> Any:
