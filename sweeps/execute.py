@@ -383,6 +383,7 @@ def start_ray(address: str | None, local: bool, log: Log, verbose: bool = False)
 
     if ray.is_initialized():
         return
+    skip_deleted_checkpoints()
     if not verbose:  # the console prints each failure's reason; its traceback is in the trial's log
         os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
         # Tune's closing "ERROR ... Trials did not complete" repeats the console's FAILED lines.
@@ -394,6 +395,29 @@ def start_ray(address: str | None, local: bool, log: Log, verbose: bool = False)
     else:  # None: RAY_ADDRESS, a running cluster, or a new one
         ray.init(address=address, logging_level="WARNING", log_to_driver=verbose)
     log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+
+
+def skip_deleted_checkpoints() -> None:
+    """Let Tune's checkpoint manager pass over an old checkpoint that is gone already.
+
+    A driver stopped after Tune deleted a trial's oldest checkpoint (`num_to_keep`) and before it
+    saved the experiment state leaves that checkpoint listed. After `resume`, Ray 2.60's manager
+    deletes it again, `_is_directory` raises FileNotFoundError outside its try, and Tune prints an
+    ERROR with a traceback and skips the rest of registering the trial's new checkpoint (seen in
+    the S3 killed-driver test)."""
+    from pyarrow.fs import FileType
+    from ray.train._internal import checkpoint_manager
+
+    delete = checkpoint_manager._delete_fs_path
+    if getattr(delete, "skips_missing", False):
+        return
+
+    def delete_if_there(fs: Any, fs_path: str) -> None:
+        if fs.get_file_info(fs_path).type != FileType.NotFound:
+            delete(fs=fs, fs_path=fs_path)
+
+    delete_if_there.skips_missing = True  # type: ignore[attr-defined]
+    checkpoint_manager._delete_fs_path = delete_if_there
 
 
 def trainable(spec: SweepSpec, function: Callable[[dict[str, Any]], None] = tune_trial) -> Any:

@@ -70,3 +70,23 @@ def test_a_restore_skips_damaged_checkpoints_for_the_newest_good_one(tmp_path: P
 
     (storage / "checkpoint_000000" / "checkpoint.pt").write_bytes(b"")
     assert restore_checkpoint(tune.Checkpoint(str(storage / "checkpoint_000001")), tmp_path / "again")[0] is None
+
+
+def test_tune_passes_over_an_old_checkpoint_deleted_before_the_driver_stopped(tmp_path: Path) -> None:
+    """A restored experiment state can list a checkpoint Tune had deleted already (`num_to_keep`):
+    registering the next one must not fail on it (Ray 2.60 alone raises FileNotFoundError here)."""
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+
+    from sweeps.execute import skip_deleted_checkpoints
+
+    skip_deleted_checkpoints()
+    manager = _CheckpointManager(CheckpointConfig(num_to_keep=1))
+    for index in range(3):  # the first is listed but gone; the second is there and deleted when the third comes
+        folder = tmp_path / f"checkpoint_00000{index}"
+        if index:
+            folder.mkdir()
+        manager.register_checkpoint(_TrainingResult(Checkpoint(str(folder)), {"epoch": index}))
+    assert [result.checkpoint.path for result in manager.best_checkpoint_results] == [str(tmp_path / "checkpoint_000002")]
+    assert not (tmp_path / "checkpoint_000001").exists()
