@@ -41,7 +41,9 @@ from sweeps.tuning import CellSearch, run_cells, tuned_cells
 
 FAULT_ENV = "BNEW_SWEEP_FAULT"
 """Test hook: `PATTERN@EPOCH[:exit]` makes the first attempt of every trial whose run name
-matches the glob PATTERN raise (or, with `:exit`, kill its process) after reporting EPOCH."""
+matches the glob PATTERN raise (or, with `:exit`, kill its process) after reporting EPOCH;
+`PATTERN@recorded` kills its process once its run is recorded, before Tune hears that it ended
+(as when the driver stops just then)."""
 CHECKPOINT_CORRUPT_TAG = "bnew.checkpoint_corrupt"
 """On a trial run: the damaged checkpoints a restore skipped, with why."""
 STAGE_FAILED = "bnew_failed"
@@ -151,9 +153,8 @@ class TuneReporter(Callback):
 
 
 def parse_fault(run_name: str) -> tuple[int | None, str]:
-    """When this trial should fail, from `BNEW_SWEEP_FAULT` (`<run name pattern>@<when>`): after
-    epoch N (`N`, raising; `N:exit`, the process exiting), or with `recorded`, its process exits
-    once its run is recorded, before Tune hears that it ended (as when the driver stops then)."""
+    """When this trial should fail, from `FAULT_ENV`: (epoch, "" to raise or "exit"), or
+    (None, "recorded")."""
     setting = os.environ.get(FAULT_ENV, "")
     pattern, _, when = setting.rpartition("@")
     if not setting or not fnmatch.fnmatch(run_name, pattern):
