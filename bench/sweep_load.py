@@ -124,8 +124,8 @@ def trainer_seconds(spec: dict[str, Any], repeats: int = 3) -> float:
     import torch
 
     from bnew_core.train import train
-    from sweeps.plan import build_plan
-    from sweeps.spec import parse_spec
+    from sweeps.core.plan import build_plan
+    from sweeps.core.spec import parse_spec
 
     stage = next(iter(build_plan(parse_spec(spec, "load")).stages.values()))
     threads = torch.get_num_threads()
@@ -211,7 +211,7 @@ class Records:
 def read_records(tracking_uri: str, sweep: str, epochs: int) -> Records:
     from mlflow import MlflowClient
 
-    from sweeps.tracking import Tracker
+    from sweeps.records.tracker import Tracker
 
     tracker = Tracker(tracking_uri)
     client: MlflowClient = tracker.client
@@ -309,8 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--code", type=Path, default=REPO, help="checkout whose sweeps/ and bnew_core/ run (default this one)")
     args = parser.parse_args(argv)
     code = args.code.resolve()
-    if not (code / "sweeps" / "tracking.py").is_file():
-        parser.error(f"--code: {code} has no sweeps/tracking.py")
+    if not (code / "sweeps" / "__init__.py").is_file():
+        parser.error(f"--code: {code} has no sweeps/ package")
     sys.path.insert(0, str(code))
     state = Path(tempfile.mkdtemp(prefix="bnew-load-"))
     columns = []

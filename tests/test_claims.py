@@ -12,18 +12,26 @@ import yaml
 from scipy import stats
 
 from bnew_core.config import BnewError
-from sweeps.claims import CONTRADICTED, HOLDS, NOT_SHOWN, CellSample, paper_effect, verdict, welch_contrast
-from sweeps.report import write_report
-from sweeps.spec import load_spec, parse_spec
+from sweeps.analysis.claims import CONTRADICTED, HOLDS, NOT_SHOWN, CellSample, paper_effect, verdict
+from sweeps.analysis.report import write_report
+from sweeps.analysis.statistics import welch_contrast
+from sweeps.analysis.tables import load_paper_tables
+from sweeps.core.spec import load_spec, parse_spec
 
 
 def cells(*samples: tuple[int, list[float]]) -> list[CellSample]:
     return [CellSample({"cell": str(index)}, sign, np.array(values)) for index, (sign, values) in enumerate(samples)]
 
 
+def welch(compared: list[CellSample]) -> tuple[float, float, float, float]:
+    """The claim's contrast of `compared` as the claims test it: effect, se, df, p."""
+    test = welch_contrast([cell.coefficient for cell in compared], [cell.values for cell in compared])
+    return test.effect, test.se, test.df, test.p_value
+
+
 def test_two_cell_contrast_is_welchs_t_test() -> None:
     treated, control = [42.1, 43.0, 41.2, 42.6], [55.0, 55.9, 55.2]
-    effect, se, df, p_value = welch_contrast(cells((1, treated), (-1, control)))
+    effect, se, df, p_value = welch(cells((1, treated), (-1, control)))
     assert effect == pytest.approx(np.mean(treated) - np.mean(control))
     assert se == pytest.approx(math.sqrt(np.var(treated, ddof=1) / 4 + np.var(control, ddof=1) / 3))
     assert p_value == pytest.approx(stats.ttest_ind(treated, control, equal_var=False).pvalue)
@@ -33,7 +41,7 @@ def test_two_cell_contrast_is_welchs_t_test() -> None:
 def test_difference_in_differences_by_hand() -> None:
     samples = {"bnew_long": [57.5, 57.9, 57.2], "bnew_short": [55.8, 55.1, 55.5],
                "ste_long": [56.8, 56.5, 57.0], "ste_short": [56.1, 56.4, 55.8]}
-    effect, se, df, p_value = welch_contrast(cells(
+    effect, se, df, p_value = welch(cells(
         (1, samples["bnew_long"]), (-1, samples["bnew_short"]), (-1, samples["ste_long"]), (1, samples["ste_short"])))
     means = {key: np.mean(values) for key, values in samples.items()}
     variances = {key: np.var(values, ddof=1) / 3 for key, values in samples.items()}
@@ -46,18 +54,16 @@ def test_difference_in_differences_by_hand() -> None:
 
 def test_verdicts_follow_significance_and_the_papers_sign() -> None:
     lower, higher = [40.0, 41.0, 40.5], [55.0, 55.5, 56.0]
-    effect, _, _, p_value = welch_contrast(drop := cells((1, lower), (-1, higher)))
+    effect, _, _, p_value = welch(drop := cells((1, lower), (-1, higher)))
     assert verdict(drop, effect, p_value, expected=-13.3)[0] == HOLDS
     assert verdict(drop, effect, p_value, expected=+2.5)[0] == CONTRADICTED
     noisy = cells((1, [50.0, 58.0, 54.0]), (-1, [53.0, 57.0, 55.5]))
-    assert verdict(noisy, *welch_contrast(noisy)[::3], expected=-1.3) == (NOT_SHOWN, "p >= 0.05")
+    assert verdict(noisy, *welch(noisy)[::3], expected=-1.3) == (NOT_SHOWN, "p >= 0.05")
     single = cells((1, [50.0]), (-1, higher))
-    assert verdict(single, *welch_contrast(single)[::3], expected=-1.3) == (NOT_SHOWN, "fewer than two runs in a cell")
+    assert verdict(single, *welch(single)[::3], expected=-1.3) == (NOT_SHOWN, "fewer than two runs in a cell")
 
 
 def test_study_preset_takes_the_papers_effects_from_tables_json() -> None:
-    from sweeps.report import load_paper_tables
-
     spec = load_spec("cifar10-cpu-study")
     effects = [paper_effect(claim, load_paper_tables()) for claim in spec.report.claims]
     # Table 2 (BNEW column): 42.5 - 55.8, 51.8 - 55.8, 54.5 - 55.8; Table 1: 55.8 - 52.7 and

@@ -220,7 +220,9 @@ def test_output_to_a_file_is_plain_lines_with_the_failure_reason_and_its_log(tmp
     assert "last lines of plain/ste/baseline/seed0's log (logs/trial.log):" in status.stdout
     assert "  | RuntimeError: BNEW_SWEEP_FAULT: injected failure after epoch 0" in status.stdout  # the log's tail
 
-    from sweeps.report import failed_trials, load_sweep, render_failed_markdown
+    from sweeps.analysis.report import failed_trials, render_failed_markdown
+
+    from sweeps.records.sweep_runs import load_sweep
 
     report = render_failed_markdown(failed_trials(load_sweep(f"sqlite:///{tmp_path / '.bnew' / 'mlflow.db'}", "plain")))
     assert "- `plain/ste/baseline/seed0` (quantise): RuntimeError: BNEW_SWEEP_FAULT" in report
@@ -256,9 +258,9 @@ def test_output_to_a_file_is_plain_lines_with_the_failure_reason_and_its_log(tmp
 def test_view_counts_stages_and_estimates_from_measured_epoch_times() -> None:
     from rich.console import Console
 
-    from sweeps.console import SweepConsole, SweepView
-    from sweeps.plan import build_plan
-    from sweeps.spec import load_spec
+    from sweeps.ui.console import SweepConsole, SweepView
+    from sweeps.core.plan import build_plan
+    from sweeps.core.spec import load_spec
 
     plan = build_plan(load_spec("demo"), "demo", max_epochs=4)
     view = SweepView.of_stages(list(plan.stages.values()))

@@ -136,7 +136,7 @@ def report(fault: str, affected: int, redone: int, lost: int, recover_s: float, 
 
 def test_sigint_stops_the_sweep_and_a_diverging_trial_fails_at_once(tmp_path: Path) -> None:
     """(c) Ctrl-C on `bnew sweep run`, and (d) a diverging sibling trial, in one sweep."""
-    from sweeps.status import sweep_status
+    from sweeps.analysis.status import sweep_status
 
     budget, good_lr, bad_lr = EPOCHS_TO_INTERRUPT, 0.01, 1e6
     spec = write_spec(tmp_path, "sigint", budget, [good_lr, bad_lr])

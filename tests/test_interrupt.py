@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from sweeps.interrupt import Interruption
+from sweeps.run.interrupt import Interruption
 
 
 class FakeTuner:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from sweeps.lineage import load_trainer_model, log_final_model
+from sweeps.records.lineage import load_trainer_model, log_final_model
 
 SPEC = """\
 name: lineage

@@ -19,9 +19,9 @@ import pytest
 from mlflow import MlflowClient
 
 from servers import free_port, stop
-from sweeps.lineage import experiment_page
-from sweeps.plan import build_plan
-from sweeps.spec import load_spec
+from sweeps.records.links import experiment_page
+from sweeps.core.plan import build_plan
+from sweeps.core.spec import load_spec
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -8,8 +8,8 @@ import yaml
 from typer.testing import CliRunner
 
 from sweeps.cli import app
-from sweeps.plan import build_plan
-from sweeps.spec import load_spec, parse_spec
+from sweeps.core.plan import build_plan
+from sweeps.core.spec import load_spec, parse_spec
 
 SEEDS = 5
 
@@ -117,7 +117,7 @@ def test_a_search_is_counted_as_the_trials_it_runs(tmp_path, monkeypatch) -> Non
     """Optuna tuning: per cell, `samples` suggestions, each trained on every seed of the cell;
     the cells' templates (the plan's final stages with the params at their settings) are not trials."""
     monkeypatch.setenv("BNEW_PROJECT_DIR", str(tmp_path))
-    from sweeps.tuning import planned_counts, search_size
+    from sweeps.core.search import planned_counts, search_size, searched_templates
 
     text = """
 name: searched
@@ -134,7 +134,7 @@ base: {data: {val_size: 100}}
     search = search_size(plan)
     # bnew has lambda_rate: 2 cells (budgets), each 7 suggestions x 3 seeds; ste is a grid.
     assert (search.cells, search.trials, search.epochs) == (2, 2 * 7 * 3, 21 * 3 + 21 * 5)
-    assert len(search.templates) == 2 * 3
+    assert len(searched_templates(plan)) == 2 * 3
     assert planned_counts(plan).trials == 2 * 21 + 2 * 3  # and ste: 2 budgets x 3 seeds
     spec_path = tmp_path / "searched.yaml"
     spec_path.write_text(text)

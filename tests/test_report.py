@@ -12,7 +12,10 @@ import yaml
 from PIL import Image
 from scipy import stats
 
-from sweeps.report import ReportError, build_tables, load_sweep, write_report
+from bnew_core.config import BnewError
+from sweeps.analysis.report import write_report
+from sweeps.analysis.tables import ReportError, build_tables
+from sweeps.records.sweep_runs import load_sweep
 
 SWEEP = "table1-mini"
 SEEDS = (0, 1, 2)
@@ -203,7 +206,7 @@ def test_compare_to_and_unknown_reference(tracking_uri: str) -> None:
     assert math.isnan(table.cells.loc[("ste", "1000/yes")].p_value)  # its reference cell is missing
     with pytest.raises(ReportError, match="bop"):
         build_tables(sweep, compare_to="bop")
-    with pytest.raises(ReportError, match="no MLflow experiment"):
+    with pytest.raises(BnewError, match="no MLflow experiment"):
         load_sweep(tracking_uri, "no-such-sweep")
 
 
@@ -251,7 +254,7 @@ def test_cli_report_command(tracking_uri: str, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from sweeps.cli import app
-    from sweeps.report import report_command
+    from sweeps.cli.sweep import report_command
 
     assert report_command in registered_callbacks(app)
     report_app = typer.Typer()
@@ -269,7 +272,7 @@ def test_cli_report_command(tracking_uri: str, tmp_path: Path) -> None:
 
 
 def test_default_tracking_uri_is_the_sweep_services(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from sweeps.report import default_tracking_uri
+    from sweeps.analysis.report import default_tracking_uri
 
     monkeypatch.setenv("BNEW_PROJECT_DIR", str(tmp_path))
     assert default_tracking_uri("my-sweep") == f"sqlite:///{tmp_path.resolve() / '.bnew' / 'mlflow.db'}"

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from bnew_core.config import BnewError
 from sweeps.cli import app
-from sweeps.plan import build_plan
-from sweeps.spec import load_spec, parse_spec, preset_names
+from sweeps.core.plan import build_plan
+from sweeps.core.spec import load_spec, parse_spec, preset_names
 
 GOOD_SPEC = {
     "name": "tiny",
@@ -41,9 +41,9 @@ def test_presets_load_and_plan() -> None:
 
 def test_search_space_axis_is_sampled_reproducibly() -> None:
     spec = parse_spec(with_changes(axes__params={"lr": {"loguniform": [0.001, 0.1], "samples": 3}}), "s")
-    values = spec.axes.param_values()["lr"]
+    values = spec.crossed_params()["lr"]
     assert len(set(values)) == 3 and all(0.001 <= value <= 0.1 for value in values)
-    assert parse_spec(with_changes(axes__params={"lr": {"loguniform": [0.001, 0.1], "samples": 3}}), "s").axes.param_values()["lr"] == values
+    assert parse_spec(with_changes(axes__params={"lr": {"loguniform": [0.001, 0.1], "samples": 3}}), "s").crossed_params()["lr"] == values
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,7 @@ def test_bad_spec_is_one_line_and_exit_2_before_ray_or_mlflow(
 
 
 def test_a_grid_over_the_size_limit_runs_with_yes_and_plan_shows_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sweeps.cli import load_sweep_plan
+    from sweeps.cli.common import load_sweep_plan
 
     monkeypatch.setenv("BNEW_PROJECT_DIR", str(tmp_path))
     spec = str(Path(__file__).parent / "bad_specs" / "grid_over_size_limit.yaml")
@@ -71,7 +71,7 @@ def test_a_grid_over_the_size_limit_runs_with_yes_and_plan_shows_it(tmp_path: Pa
 
 def test_a_confirmed_submission_passes_yes_to_the_driver_on_the_cluster() -> None:
     """`submit --yes` checks the size limit here and confirms it for the job's `bnew sweep run`."""
-    from sweeps.submission import entrypoint
+    from sweeps.run.jobs import entrypoint
 
     assert entrypoint("run", "big", None, None, yes=True).endswith("big.yaml --yes")
     assert "--yes" not in entrypoint("resume", "small", 2, None)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.plan import build_plan
-from sweeps.spec import load_spec, preset_names
-from sweeps.tuning import tuned_cells, tuned_stage
+from sweeps.core.plan import build_plan
+from sweeps.core.spec import load_spec, preset_names
+from sweeps.core.search import tuned_cells, tuned_stage
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "stage_keys.json").read_text())
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from sweeps.spec import PRESET_DIR
+from sweeps.core.spec import PRESET_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = Path("shared/data/cifar10-jpeg.tar.gz")

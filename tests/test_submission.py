@@ -70,7 +70,7 @@ def test_a_loopback_tracking_uri_is_not_sent_to_another_machine(tmp_path: Path) 
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("error: --tracking-uri: http://localhost:5000 names this machine but the cluster "
                                     "at http://10.255.255.1:8265 is another")
-    from sweeps.submission import cluster_tracking_uri
+    from sweeps.run.jobs import cluster_tracking_uri
 
     assert cluster_tracking_uri("http://localhost:5000", "http://mlflow:5000", "http://head:8265") == "http://mlflow:5000"
     assert cluster_tracking_uri("http://127.0.0.1:5000", None, "http://127.0.0.1:8265") == "http://127.0.0.1:5000"
@@ -90,7 +90,7 @@ def test_missing_dataset_root_is_one_line_before_ray_starts(tmp_path: Path) -> N
 
 
 def test_version_mismatch_is_one_line_naming_both_sides() -> None:
-    from sweeps.submission import version_mismatch
+    from sweeps.run.jobs import version_mismatch
 
     here = {"ray": "2.60.0", "bnew-sweep": "0.1.0"}
     assert version_mismatch(here, dict(here)) is None
@@ -153,6 +153,7 @@ def experiment_runs(name: str) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.debian("postgresql")  # the cluster's MLflow store
 def test_submitted_demo_runs_on_every_worker_node(cluster: dict[str, str], tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
@@ -193,6 +194,7 @@ STOPPABLE_SPEC = {
 
 
 @pytest.mark.slow
+@pytest.mark.debian("postgresql")  # the cluster's MLflow store
 def test_stopped_job_leaves_no_run_running_and_resubmission_trains_only_the_rest(
     cluster: dict[str, str], tmp_path: Path
 ) -> None:
@@ -254,6 +256,7 @@ def cifar_subset(root: Path, classes: int = 3, train: int = 40, test: int = 10) 
 
 
 @pytest.mark.slow
+@pytest.mark.debian("postgresql")  # the cluster's MLflow store
 def test_table2_shaped_spec_reads_a_relative_data_directory_on_the_cluster(
     cluster: dict[str, str], tmp_path: Path
 ) -> None:

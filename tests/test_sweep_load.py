@@ -9,14 +9,14 @@ cluster, and the server's access log is what counts them."""
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 
 from bench.sweep_load import LoopbackCluster, load_spec, read_records, run_sweep
-from sweeps.plan import build_plan, flatten_config
-from sweeps.spec import parse_spec
+from sweeps.core.dotted import flatten as flatten_config
+from sweeps.core.plan import build_plan
+from sweeps.core.spec import parse_spec
 
 N = 8
 EPOCHS = 1
@@ -36,8 +36,7 @@ def requests_one_trial_needs(spec: dict) -> int:
 
 @pytest.mark.slow
 @pytest.mark.long
-@pytest.mark.skipif(shutil.which("su") is None or not Path("/usr/lib/postgresql").is_dir(),
-                    reason="needs Debian's postgresql package")
+@pytest.mark.debian("postgresql")
 def test_every_trial_recorded_once_and_requests_per_trial_do_not_grow(tmp_path: Path) -> None:
     per_trial = {}
     with LoopbackCluster(tmp_path / "cluster", workers=2, backend="postgres") as cluster:

@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 from mlflow import MlflowClient
 
-from sweeps.plan import build_plan
-from sweeps.spec import load_spec
+from sweeps.core.plan import build_plan
+from sweeps.core.spec import load_spec
 
 def bnew(*args: str, cwd: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS")}
@@ -171,7 +171,7 @@ def test_cluster_runs_need_a_tracking_server(tmp_path: Path) -> None:
 
 
 def test_stages_on_the_longest_chain_of_epochs_start_first() -> None:
-    from sweeps.execute import critical_path_order
+    from sweeps.run.stage_graph import critical_path_order
 
     plan = build_plan(load_spec("cifar10-cpu-study"))
     order = [plan.stages[key] for key in critical_path_order(list(plan.stages.values()))]
@@ -186,7 +186,8 @@ def test_stages_on_the_longest_chain_of_epochs_start_first() -> None:
 
 
 def test_scheduler_releases_each_stage_when_its_own_inputs_are_done() -> None:
-    from sweeps.execute import StageScheduler, SweepContext
+    from sweeps.run.stage_graph import StageScheduler
+    from sweeps.run.trial import SweepContext
 
     plan = build_plan(load_spec("demo"))
     scheduler = StageScheduler(list(plan.stages.values()), set(), SweepContext("demo", "sqlite:///x", "1", "p"))

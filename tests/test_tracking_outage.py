@@ -17,9 +17,10 @@ import yaml
 from mlflow import MlflowClient
 
 from bnew_core.callbacks import Callback
-from sweeps.execute import execute_stage, open_sweep
-from sweeps.plan import build_plan
-from sweeps.spec import load_spec
+from sweeps.run.driver import open_sweep
+from sweeps.run.trial import execute_stage
+from sweeps.core.plan import build_plan
+from sweeps.core.spec import load_spec
 
 
 class Server:

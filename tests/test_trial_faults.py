@@ -51,7 +51,7 @@ def test_a_damaged_checkpoint_fails_its_checksum(tmp_path: Path) -> None:
 def test_a_restore_skips_damaged_checkpoints_for_the_newest_good_one(tmp_path: Path) -> None:
     from ray import tune
 
-    from sweeps.execute import restore_checkpoint
+    from sweeps.run.trial import restore_checkpoint
 
     trained = train(trial(tmp_path, epochs=1)).checkpoint_path
     storage = tmp_path / "storage" / "trial_0"
@@ -79,7 +79,7 @@ def test_tune_passes_over_an_old_checkpoint_deleted_before_the_driver_stopped(tm
     from ray.train._internal.checkpoint_manager import _CheckpointManager
     from ray.train._internal.session import _TrainingResult
 
-    from sweeps.execute import skip_deleted_checkpoints
+    from sweeps.run.driver import skip_deleted_checkpoints
 
     skip_deleted_checkpoints()
     manager = _CheckpointManager(CheckpointConfig(num_to_keep=1))

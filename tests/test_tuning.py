@@ -19,10 +19,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from sweeps.report import load_sweep
-from sweeps.spec import parse_spec
-from sweeps.plan import build_plan
-from sweeps.tuning import CELL_TAG, best_runs_only, grace_epochs, summarise, tuned_cells
+from sweeps.records.sweep_runs import load_sweep
+from sweeps.core.spec import parse_spec
+from sweeps.core.plan import build_plan
+from sweeps.analysis.searches import best_runs_only, summarise
+from sweeps.core.schema import CELL_TAG
+from sweeps.core.search import tuned_cells
+from sweeps.run.tuning import grace_epochs
 
 STOPPED = "bnew.stopped_early"
 

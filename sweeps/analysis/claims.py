@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,11 +17,10 @@ import pandas as pd
 from scipy import stats
 
 from bnew_core.config import BnewError
-from sweeps.spec import ClaimSpec, PaperEffect
+from sweeps.analysis.statistics import SIGNIFICANCE_LEVEL, welch_contrast
+from sweeps.core.spec import ClaimSpec, PaperEffect
 
-SIGNIFICANCE_LEVEL = 0.05
 HOLDS, NOT_SHOWN, CONTRADICTED = "holds", "not shown at this scale", "contradicted"
-VERDICT_COLOURS = {HOLDS: "tab:green", NOT_SHOWN: "tab:gray", CONTRADICTED: "tab:red"}
 
 
 @dataclass
@@ -84,24 +82,6 @@ def claim_cells(claim: ClaimSpec) -> list[tuple[dict[str, str], int]]:
     ]
 
 
-def welch_contrast(cells: list[CellSample]) -> tuple[float, float, float, float]:
-    """Effect sum(c_i mean_i), its standard error, Welch-Satterthwaite df and two-sided p (the
-    last three NaN unless every cell has two or more values). With two cells (+1, -1) this is
-    exactly Welch's two-sample t-test."""
-    if any(len(cell.values) == 0 for cell in cells):
-        return math.nan, math.nan, math.nan, math.nan
-    effect = sum(cell.coefficient * float(np.mean(cell.values)) for cell in cells)
-    if any(len(cell.values) < 2 for cell in cells):
-        return effect, math.nan, math.nan, math.nan
-    parts = [float(np.var(cell.values, ddof=1)) / len(cell.values) for cell in cells]  # c_i^2 = 1
-    variance = sum(parts)
-    if variance == 0:
-        return effect, 0.0, math.nan, math.nan
-    df = variance**2 / sum(part**2 / (len(cell.values) - 1) for part, cell in zip(parts, cells))
-    p_value = float(2 * stats.t.sf(abs(effect) / math.sqrt(variance), df))
-    return effect, math.sqrt(variance), df, p_value
-
-
 def paper_effect(claim: ClaimSpec, paper: dict[str, Any]) -> float:
     """The claim's paper effect: its number, or its cells of tables.json added up."""
     if not isinstance(claim.paper_effect, PaperEffect):
@@ -148,7 +128,8 @@ def evaluate_claims(results: pd.DataFrame, claims: list[ClaimSpec], paper: dict[
                 mask &= (results[axis] == value).to_numpy() if axis in results else False
             label = ", ".join(f"{axis}={value}" for axis, value in selector.items() if axis not in claim.where)
             cells.append(CellSample(selector, coefficient, results.loc[mask, "value"].dropna().to_numpy(), label))
-        effect, se, df, p_value = welch_contrast(cells)
+        test = welch_contrast([cell.coefficient for cell in cells], [cell.values for cell in cells])
+        effect, se, df, p_value = test.effect, test.se, test.df, test.p_value
         expected = paper_effect(claim, paper)
         outcome, reason = verdict(cells, effect, p_value, expected)
         evaluated.append(ClaimResult(claim, cells, effect, se, df, p_value, expected, outcome, reason))
@@ -211,34 +192,3 @@ def claims_frame(results: list[ClaimResult]) -> pd.DataFrame:
         ]
     )
 
-
-def plot_claims(results: list[ClaimResult], path: Path, title: str) -> Path:
-    """Each claim's effect with its 95% CI, coloured by verdict, the paper's effect in black."""
-    from sweeps.report import pyplot
-
-    plt = pyplot()
-    from matplotlib.lines import Line2D
-
-    figure, ax = plt.subplots(figsize=(10, 0.7 * len(results) + 1.8))
-    positions = np.arange(len(results))[::-1]
-    for y, result in zip(positions, results):
-        low, high = result.ci95()
-        colour = VERDICT_COLOURS[result.verdict]
-        if not math.isnan(low):
-            ax.plot([low, high], [y, y], color=colour, linewidth=2)
-        if not math.isnan(result.effect):
-            ax.plot(result.effect, y, "o", color=colour)
-        ax.plot(result.paper_effect, y, "D", color="black", markersize=5)
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(positions, [f"{r.claim.name}\n{r.verdict} ({r.reason})" for r in results], fontsize=8)
-    ax.set_xlabel("effect, accuracy points")
-    ax.set_title(title, fontsize=10)
-    legend = [Line2D([], [], color=colour, marker="o", label=f"this sweep, 95% CI: {name}")
-              for name, colour in VERDICT_COLOURS.items()]
-    legend.append(Line2D([], [], color="black", marker="D", linestyle="", label="the paper (CIFAR-100)"))
-    ax.legend(handles=legend, fontsize=7, loc="best")
-    ax.grid(axis="x", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path

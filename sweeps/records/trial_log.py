@@ -13,9 +13,10 @@ from typing import IO, Iterator
 
 from mlflow import MlflowClient
 
+from sweeps.core.schema import LOG_TAIL_TAG
+
 ARTIFACT_DIR = "logs"
 LOG_NAME = "trial.log"
-TAIL_TAG = "bnew.log_tail"
 TAIL_LINES = 12
 
 
@@ -89,7 +90,7 @@ def upload(client: MlflowClient, run_id: str, path: Path, failed: bool) -> None:
     sys.stderr.flush()
     client.log_artifact(run_id, str(path), ARTIFACT_DIR)
     if failed:
-        client.set_tag(run_id, TAIL_TAG, tail(path))
+        client.set_tag(run_id, LOG_TAIL_TAG, tail(path))
     else:
         with contextlib.suppress(Exception):  # a retry that succeeded: the old tail no longer applies
-            client.delete_tag(run_id, TAIL_TAG)
+            client.delete_tag(run_id, LOG_TAIL_TAG)

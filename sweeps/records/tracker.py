@@ -8,54 +8,33 @@ trials and debug runs in one process never mix up their runs."""
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run
+from mlflow.exceptions import MlflowException
 
 from bnew_core.config import BnewError
-from sweeps.lineage import record_reused
-from sweeps.plan import Role, Stage, flatten_config
+from sweeps.core.dotted import flatten
+from sweeps.core.plan import Role, Stage
+from sweeps.core.schema import (
+    ERROR_TAG,
+    INTERRUPTED_TAG,
+    MLFLOW_PARENT_TAG,
+    REUSED_FROM_TAG,
+    ROLE_TAG,
+    STAGE_KEY_TAG,
+    STOPPED_EARLY_TAG,
+    SWEEP_TAG,
+)
+from sweeps.records.lineage import record_reused
 
-MLFLOW_PARENT_TAG = "mlflow.parentRunId"
-REUSED_FROM_TAG = "bnew.reused_from"
-"""On a trial run that did not train: the run id of the run that trained its stage."""
-STOPPED_EARLY_TAG = "bnew.stopped_early"
-"""On a tuned trial's KILLED run: a Tune scheduler (ASHA, median) stopped it before its budget."""
-LOCAL_SCHEMES = ("sqlite", "file", "")
-RUN_STATUS_TO_STATE = {"FINISHED": "done", "RUNNING": "running", "SCHEDULED": "running", "FAILED": "failed", "KILLED": "interrupted"}
-
-
-def is_local_uri(uri: str) -> bool:
-    """True for stores on this machine's disk (which workers on other machines cannot reach)."""
-    return uri.partition(":")[0] in LOCAL_SCHEMES or uri.startswith("/")
-
-
-def is_loopback(url: str) -> bool:
-    """True for an address (a Ray cluster's, a tracking server's) on this machine's loopback."""
-    from urllib.parse import urlparse
-
-    host = urlparse(url if "://" in url else f"http://{url}").hostname or ""
-    return host == "localhost" or host.startswith("127.") or host == "::1"
-
-
-def check_tracking_uri(uri: str) -> None:
-    """Raise a one-line `BnewError` if MLflow has no tracking store for the URI's scheme."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking._tracking_service.utils import _tracking_store_registry  # MLflow's own table of schemes
-
-    try:
-        _tracking_store_registry.get_store_builder(uri)
-    except MlflowException:
-        schemes = ", ".join(sorted(scheme for scheme in _tracking_store_registry._registry if scheme))
-        raise BnewError(f"tracking_uri: {uri}: not a store MLflow can use (schemes: {schemes})") from None
-
-
-def store_exists(uri: str) -> bool:
-    """False for a local SQLite store not created yet (reading must not create one)."""
-    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
+SPEC_ARTIFACT = "spec.yaml"
+"""The spec of the sweep, on its parent run (what `status` plans again and `report` lays out)."""
 
 
 def quote(value: str) -> str:
@@ -88,8 +67,10 @@ class Tracker:
         return self.client.create_experiment(name, artifact_location=location)
 
     def sweep_run(self, experiment_id: str) -> Run | None:
+        """The sweep's parent run: the first one, which every later run of the sweep reopens."""
         runs = self.client.search_runs(
-            [experiment_id], filter_string="tags.`bnew.role` = 'sweep'", order_by=["attributes.start_time ASC"], max_results=1
+            [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'", order_by=["attributes.start_time ASC"],
+            max_results=1,
         )
         return runs[0] if runs else None
 
@@ -98,29 +79,31 @@ class Tracker:
         existing = self.sweep_run(experiment_id)
         if existing is None:
             run_id = self.client.create_run(
-                experiment_id, run_name=name, tags={"bnew.role": "sweep", "bnew.sweep": name}
+                experiment_id, run_name=name, tags={ROLE_TAG: "sweep", SWEEP_TAG: name}
             ).info.run_id
         else:
             run_id = existing.info.run_id
             self.client.update_run(run_id, status="RUNNING")
-            if "bnew.interrupted" in existing.data.tags:
-                self.client.delete_tag(run_id, "bnew.interrupted")
-        self.client.log_text(run_id, spec_yaml, "spec.yaml")
+            if INTERRUPTED_TAG in existing.data.tags:
+                self.client.delete_tag(run_id, INTERRUPTED_TAG)
+        self.client.log_text(run_id, spec_yaml, SPEC_ARTIFACT)
         return run_id
 
     def finish_sweep_run(self, run_id: str, failed: int, interrupted: str | None = None) -> None:
         """Close the parent run: KILLED if a signal stopped the sweep (tag `bnew.interrupted`)."""
         self.client.set_tag(run_id, "bnew.failed_trials", str(failed))
         if interrupted:
-            self.client.set_tag(run_id, "bnew.interrupted", interrupted)
+            self.client.set_tag(run_id, INTERRUPTED_TAG, interrupted)
         self.client.set_terminated(run_id, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
 
-    def sweep_spec_yaml(self, experiment_id: str) -> str:
-        run = self.sweep_run(experiment_id)
-        if run is None:
-            raise BnewError(f"experiment {experiment_id}: no sweep run (bnew.role=sweep) found")
-        path = self.client.download_artifacts(run.info.run_id, "spec.yaml")
-        return Path(path).read_text()
+    def sweep_spec(self, run_id: str) -> dict[str, Any] | None:
+        """The spec stored on the sweep's parent run, or None when it has none (a run of another tool)."""
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                path = self.client.download_artifacts(run_id, SPEC_ARTIFACT, folder)
+            except (MlflowException, OSError):  # the artifact store's error for a missing file
+                return None
+            return yaml.safe_load(Path(path).read_text()) or {}
 
     # --- stage lookup --------------------------------------------------------------------
     # MLflow filters have no OR or IN for tags, so keys are looked up one by one with an equality
@@ -154,7 +137,7 @@ class Tracker:
 
     def runs_of_stage(self, key: str, experiment_ids: list[str]) -> list[Run]:
         """Trial runs of stage `key` in `experiment_ids`, newest first: one lookup."""
-        return self.search_all(experiment_ids, f"tags.`bnew.stage_key` = {quote(key)}")
+        return self.search_all(experiment_ids, f"tags.`{STAGE_KEY_TAG}` = {quote(key)}")
 
     def stage_runs(self, keys: list[str], sweep_runs: Sequence[Run] = ()) -> dict[str, list[Run]]:
         """Trial runs per stage key, in any experiment, newest first.
@@ -164,7 +147,7 @@ class Tracker:
         other key costs one lookup across all experiments."""
         found: dict[str, list[Run]] = {key: [] for key in keys}
         for run in sweep_runs:
-            key = run.data.tags.get("bnew.stage_key")
+            key = run.data.tags.get(STAGE_KEY_TAG)
             if key in found:
                 found[key].append(run)
         missing = [key for key in keys if not trained_runs(found[key])]
@@ -196,8 +179,8 @@ class Tracker:
         for run in self.own_runs(experiment_id, stage, role):
             if run.info.status != "FINISHED":
                 self.client.update_run(run.info.run_id, status="RUNNING")
-                if "bnew.error" in run.data.tags:
-                    self.client.delete_tag(run.info.run_id, "bnew.error")
+                if ERROR_TAG in run.data.tags:
+                    self.client.delete_tag(run.info.run_id, ERROR_TAG)
                 return run.info.run_id
         run_id = self.client.create_run(
             experiment_id, run_name=role.name, tags=self.trial_tags(parent_run_id, sweep, stage, role)
@@ -215,14 +198,14 @@ class Tracker:
     def trial_tags(parent_run_id: str, sweep: str, stage: Stage, role: Role) -> dict[str, str]:
         return {
             MLFLOW_PARENT_TAG: parent_run_id,
-            "bnew.role": "trial",
-            "bnew.sweep": sweep,
-            "bnew.stage_key": stage.key,
+            ROLE_TAG: "trial",
+            SWEEP_TAG: sweep,
+            STAGE_KEY_TAG: stage.key,
             **role.tags,
         }
 
     def log_params(self, run_id: str, config: dict[str, Any]) -> None:
-        params = [Param(key, str(value)) for key, value in flatten_config(config).items()]
+        params = [Param(key, str(value)) for key, value in flatten(config).items()]
         for start in range(0, len(params), 100):  # MLflow's batch limit
             self.client.log_batch(run_id, params=params[start : start + 100])
 
@@ -243,7 +226,7 @@ class Tracker:
 
     def fail_trial(self, run_id: str, message: str, killed: bool = False) -> None:
         """FAILED with the reason in `bnew.error`; KILLED if it was stopped from outside."""
-        self.client.set_tag(run_id, "bnew.error", message.splitlines()[0][:4000] if message else "failed")
+        self.client.set_tag(run_id, ERROR_TAG, message.splitlines()[0][:4000] if message else "failed")
         self.client.set_terminated(run_id, "KILLED" if killed else "FAILED")
 
     def kill_running_trials(self, experiment_id: str, runs_by_key: dict[str, list[Run]], reason: str) -> None:
@@ -289,19 +272,10 @@ class Tracker:
 
     def trial_runs(self, experiment_id: str) -> list[Run]:
         """Every trial run of one experiment (a sweep), newest first."""
-        return self.search_all([experiment_id], "tags.`bnew.role` = 'trial'")
+        return self.search_all([experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
 
 
 def trained_runs(runs: list[Run]) -> list[Run]:
     """The FINISHED runs that trained their stage (not linked to another run)."""
     return [run for run in runs if run.info.status == "FINISHED" and REUSED_FROM_TAG not in run.data.tags]
-
-
-def stage_state(runs: list[Run]) -> str:
-    """pending | running | done | interrupted | failed, from a stage's runs (a finished one anywhere wins)."""
-    states = {RUN_STATUS_TO_STATE.get(run.info.status, "failed") for run in runs}
-    for state in ("done", "running", "interrupted", "failed"):
-        if state in states:
-            return state
-    return "pending"
 

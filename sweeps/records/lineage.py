@@ -1,11 +1,11 @@
 """Where a sweep's results come from, in MLflow's own terms, so its UI can show and compare them:
-the experiment kind and a link that opens its training runs (not the GenAI overview), axes as
+the experiment kind, axes as
 params (the compare and parallel-coordinates views plot params only), source tags (commit,
 command, user), the spec's description as the parent run's note, the dataset as a run input,
 every trial's final network as an MLflow logged model, and the runs a trial took its input
 models from.
 
-Everything goes through an explicit `MlflowClient`, like `sweeps.tracking`."""
+Everything goes through an explicit `MlflowClient`, like `sweeps.records.tracker`."""
 
 from __future__ import annotations
 
@@ -23,19 +23,19 @@ from typing import Any, Iterator
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, Metric, Param, Run
 
-from sweeps.plan import Role, Stage
+from bnew_core.config import build_trial_config
+from sweeps.core.plan import Role, Stage
+from sweeps.core.schema import AXES, PARAM_TAG_PREFIX, axis_tag
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 """The experiment's kind, as MLflow's UI sets it from its kind selector. MLflow 3.17.2's UI
-does not read it for the landing page (see `experiment_page`); the tag still says what the
+does not read it for the landing page (see `sweeps.records.links`); the tag still says what the
 experiment holds."""
 TRAINING_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
 AXIS_PARAM_PREFIX = "axis."
 """Axis params are `axis.optimiser`, `axis.optimiser.lambda_rate`...: the config's own params
 (`optimiser.name`, `seed`) are logged already and MLflow params cannot change."""
-AXIS_TAGS = ("dataset", "optimiser", "ablation", "seed", "budget", "distillation")
-AXIS_PARAM_TAG_PREFIX = "bnew.param."
 SOURCE_TAGS = ("mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit", "mlflow.user")
 INPUT_RUN_TAGS = {"init_checkpoint": "bnew.pretrain_run_id", "teacher_checkpoint": "bnew.teacher_run_id"}
 """Trial config field of an input model -> tag holding the run id that trained it."""
@@ -43,30 +43,6 @@ MODEL_NAME = "model"
 MODEL_METRICS = ("test_acc_binary", "test_acc_float", "train_acc", "loss")
 """The last epoch's metrics linked to the logged model (one history request each)."""
 DATA_SOURCES = {"digits": "sklearn.datasets.load_digits", "synthetic": "bnew_core.data.load_synthetic"}
-
-
-def experiment_page(server_url: str, experiment_id: str) -> str:
-    """The experiment's runs in MLflow's UI. MLflow 3.17.2's UI picks an experiment's landing
-    page from its GenAI / Machine learning switch only: the `workflowType` URL parameter, else
-    the browser's last choice (localStorage `mlflow.workflowType_v1`), else GenAI. It reads the
-    kind tag only when that switch is disabled, which the 3.17.2 bundle never does, and no server
-    setting exists: a bare experiment URL in a new browser opens the GenAI overview, so the link
-    names the workflow."""
-    return f"{server_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
-
-
-def ui_hint(tracking_uri: str, experiment_name: str) -> str:
-    """Where to see the sweep: its experiment page on the server, or how to serve a local store."""
-    from sweeps.tracking import Tracker
-
-    server = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
-    experiment_id = None
-    with contextlib.suppress(Exception):  # only a link: a server gone by now must not hide the outcome
-        experiment_id = Tracker(tracking_uri).experiment_id(experiment_name, create=False)
-    page = experiment_page(server, experiment_id) if experiment_id else server
-    if tracking_uri.startswith("http"):
-        return page
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1  (then {page})"
 
 
 def driver_source_tags(command: str) -> dict[str, str]:
@@ -77,7 +53,7 @@ def driver_source_tags(command: str) -> dict[str, str]:
         "mlflow.source.type": "LOCAL",
         "mlflow.user": getpass.getuser(),
     }
-    code_dir = Path(__file__).resolve().parent.parent
+    code_dir = Path(__file__).resolve().parents[2]
     found = subprocess.run(["git", "-C", str(code_dir), "rev-parse", "HEAD"], capture_output=True, text=True)
     if found.returncode == 0:
         tags["mlflow.source.git.commit"] = found.stdout.strip()
@@ -99,9 +75,9 @@ def record_sweep(client: MlflowClient, experiment_id: str, parent_run_id: str, d
 
 def axis_params(role: Role) -> list[Param]:
     """The role's axes (`bnew.optimiser`, `bnew.param.optimiser.lambda_rate`) as `axis.*` params."""
-    axes = {axis: role.tags[f"bnew.{axis}"] for axis in AXIS_TAGS if f"bnew.{axis}" in role.tags}
-    axes.update({tag.removeprefix(AXIS_PARAM_TAG_PREFIX): value for tag, value in role.tags.items()
-                 if tag.startswith(AXIS_PARAM_TAG_PREFIX)})
+    axes = {axis: role.tags[axis_tag(axis)] for axis in AXES if axis_tag(axis) in role.tags}
+    axes.update({tag.removeprefix(PARAM_TAG_PREFIX): value for tag, value in role.tags.items()
+                 if tag.startswith(PARAM_TAG_PREFIX)})
     return [Param(AXIS_PARAM_PREFIX + axis, value) for axis, value in axes.items()]
 
 
@@ -141,9 +117,8 @@ def record_reused(client: MlflowClient, source: Run, run_id: str, role: Role) ->
 
 def load_trainer_model(path: Path) -> Any:
     """The network saved in a trainer `model.pt`, in eval mode."""
-    from bnew_core.checkpoint import MODEL_FORMAT, load_file
-    from bnew_core.config import build_trial_config
-    from bnew_core.models import build_model
+    from bnew_core.checkpoint import MODEL_FORMAT, load_file  # heavy: torch, for the driver's commands that never log a model
+    from bnew_core.models import build_model  # heavy: torch
 
     saved = load_file(path, MODEL_FORMAT, "model")
     config = build_trial_config(saved["config"], str(path))
@@ -171,8 +146,8 @@ def log_final_model(client: MlflowClient, experiment_id: str, run_id: str, model
 
     The model turns READY last, once linked, so a retried trial (its run failed after this, or
     during it) keeps a READY model of its run and logs none again: one final model per run."""
-    import mlflow.pytorch
-    import torch
+    import mlflow.pytorch  # heavy: torch
+    import torch  # heavy
     from mlflow.models import Model
 
     earlier = client.search_logged_models(

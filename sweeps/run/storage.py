@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import os
 
+import ray
+from pyarrow.fs import FileSelector, FileSystem, FileType
+
 from bnew_core.config import BnewError
+from sweeps.core.addresses import is_local
 
 SHARED_ENV = "BNEW_STORAGE_SHARED"
 """`1`: the local storage folder is a file system every node of the cluster mounts (NFS, a
 Docker volume on one host), so several machines may use it."""
 
 
-def is_local_path(storage: str) -> bool:
-    """True for a folder on this machine's disk (a plain path or a `file://` URI)."""
-    return "://" not in storage or storage.startswith("file://")
-
-
 def experiment_uris(storage: str) -> list[str]:
     """The Tune experiments under a sweep's storage folder (local or a URI), oldest first: the
     experiments are named by their start time. `--debug` work folders are not experiments."""
-    from pyarrow.fs import FileSelector, FileSystem, FileType
-
     filesystem, root = FileSystem.from_uri(storage)
     entries = filesystem.get_file_info(FileSelector(root, allow_not_found=True))
     names = sorted(entry.base_name for entry in entries if entry.type == FileType.Directory and entry.base_name != "debug")
@@ -41,9 +38,7 @@ def check_storage_reaches_every_node(storage: str) -> None:
     each trial would write its checkpoints to its own machine's disk, where neither a retry on
     another node nor `bnew sweep resume` finds them. Nodes on one machine (a loopback cluster)
     share its disk; a folder every machine mounts is declared with `BNEW_STORAGE_SHARED=1`."""
-    import ray
-
-    if not is_local_path(storage) or os.environ.get(SHARED_ENV) == "1":
+    if not is_local(storage) or os.environ.get(SHARED_ENV) == "1":
         return
     machines = sorted({node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]})
     if len(machines) > 1:

@@ -6,19 +6,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import yaml
 from mlflow.entities import Run
 
 from bnew_core.config import BnewError
-from sweeps.plan import Plan, build_plan
-from sweeps.spec import parse_spec
-from sweeps.trial_log import TAIL_TAG
-from sweeps.tracking import RUN_STATUS_TO_STATE, STOPPED_EARLY_TAG, Tracker, stage_state, store_exists
-from sweeps.tuning import CELL_TAG, tuned_cells
-
-STATES = ("pending", "running", "done", "failed", "interrupted", "stopped")
-"""`stopped`: a tuned trial a scheduler stopped early (not a failure)."""
-PHASES = ("teacher", "pretrain", "quantise", "real")
+from sweeps.core.plan import Plan, build_plan
+from sweeps.core.schema import (
+    CAP_TAGS,
+    CELL_TAG,
+    ERROR_TAG,
+    FINAL_PHASES,
+    LOG_TAIL_TAG,
+    PHASES,
+    RUN_STATUS_TO_STATE,
+    STATES,
+    STOPPED_EARLY_TAG,
+    axis_tag,
+    stage_state,
+)
+from sweeps.core.search import searched_templates
+from sweeps.core.spec import parse_spec
+from sweeps.records.store import store_exists
+from sweeps.records.tracker import Tracker
 
 
 @dataclass
@@ -37,7 +45,7 @@ class UnfinishedTrial:
     state: str
     error: str
     log_tail: str = ""
-    """The last lines of its log (`sweeps.trial_log`)."""
+    """The last lines of its log (`sweeps.records.trial_log`)."""
 
 
 @dataclass
@@ -63,13 +71,15 @@ def sweep_status(name: str, tracking_uri: str, top: int = 10) -> SweepStatus:
     parent = tracker.sweep_run(experiment_id)
     if parent is None:
         raise BnewError(f"{name}: experiment has no sweep run (bnew.role=sweep)")
-    spec = parse_spec(yaml.safe_load(tracker.sweep_spec_yaml(experiment_id)), f"{name}/spec.yaml")
-    caps = {key: int(parent.data.tags[f"bnew.{key}"]) if parent.data.tags.get(f"bnew.{key}") else None
-            for key in ("max_epochs", "max_batches")}
+    stored = tracker.sweep_spec(parent.info.run_id)
+    if stored is None:
+        raise BnewError(f"{name}: the sweep's parent run has no spec.yaml to plan its stages from")
+    spec = parse_spec(stored, f"{name}/spec.yaml")
+    caps = {key: int(parent.data.tags[tag]) if parent.data.tags.get(tag) else None for key, tag in CAP_TAGS.items()}
     plan = build_plan(spec, f"{name}/spec.yaml", **caps)
     sweep_runs = tracker.trial_runs(experiment_id)
     runs_by_key = tracker.stage_runs(list(plan.stages), sweep_runs)
-    templates = {template.key for cell in tuned_cells(plan) for template in cell.templates}  # searched, not run
+    templates = searched_templates(plan)  # searched, not run as they are
     counts = {phase: dict.fromkeys(STATES, 0) for phase in PHASES
               if any(stage.key not in templates for stage in plan.of_phase(phase))}
     for key, stage in plan.stages.items():
@@ -78,17 +88,17 @@ def sweep_status(name: str, tracking_uri: str, top: int = 10) -> SweepStatus:
     for run in sweep_runs:  # the searches' trials, one row per tuned phase
         if CELL_TAG in run.data.tags:
             state = "stopped" if STOPPED_EARLY_TAG in run.data.tags else RUN_STATUS_TO_STATE.get(run.info.status, "failed")
-            counts.setdefault(f"tuned {run.data.tags['bnew.stage']}", dict.fromkeys(STATES, 0))[state] += 1
+            counts.setdefault(f"tuned {run.data.tags[axis_tag('stage')]}", dict.fromkeys(STATES, 0))[state] += 1
     scores = [
         TrialScore(run.info.run_name, run.info.status, run.data.metrics["test_acc_binary"],
                    int(run.data.metrics.get("epoch", -1)))
         for run in sweep_runs
-        if "test_acc_binary" in run.data.metrics and run.data.tags.get("bnew.stage") in ("quantise", "real")
+        if "test_acc_binary" in run.data.metrics and run.data.tags.get(axis_tag("stage")) in FINAL_PHASES
     ]
     best = sorted(scores, key=lambda score: -score.test_acc_binary)[:top]
     unfinished = [
-        UnfinishedTrial(run.info.run_name, RUN_STATUS_TO_STATE[run.info.status], run.data.tags.get("bnew.error", ""),
-                        run.data.tags.get(TAIL_TAG, ""))
+        UnfinishedTrial(run.info.run_name, RUN_STATUS_TO_STATE[run.info.status], run.data.tags.get(ERROR_TAG, ""),
+                        run.data.tags.get(LOG_TAIL_TAG, ""))
         for key in plan.stages
         if stage_state(runs_by_key[key]) in ("failed", "interrupted")
         for run in runs_by_key[key][:1]  # the newest

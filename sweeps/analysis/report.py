@@ -1,0 +1,193 @@
+"""Sweep reports from the runs a sweep logged to MLflow: the claims' verdicts, one table per grid
+and dataset (`sweeps.analysis.tables`), the searches' best params, the distillation teachers,
+the failed trials and the figures, written to a folder and logged to the parent run under
+`report/`. Reads records; never Ray."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from bnew_core.config import BnewError
+from sweeps.analysis import searches
+from sweeps.analysis.claims import ClaimResult, claims_frame, evaluate_claims, render_claims_markdown
+from sweeps.analysis.plots import plot_claims, plot_table
+from sweeps.analysis.tables import (
+    SELECTION_NOTES,
+    TRIAL_COLUMNS,
+    ReportError,
+    Table,
+    build_tables,
+    cells_frame,
+    final_metric,
+    load_paper_tables,
+    render_latex,
+    render_markdown,
+    report_layout,
+    result_trials,
+)
+from sweeps.core.spec import ReportSpec, SweepSpec, load_spec, parse_spec, preset_names
+from sweeps.records.sweep_runs import SweepRuns, load_sweep
+
+FORMAT_SUFFIX: dict[str, str] = {"md": "md", "csv": "csv", "latex": "tex"}
+"""Report formats and the suffix of their file."""
+CLAIMS_PLOT = "claims.png"
+"""The figure to look at first: every claim's effect with its 95% CI beside the paper's."""
+
+
+def tuning_searches(sweep: SweepRuns) -> str:
+    """The Markdown of the sweep's searches, if it tuned; its tables then keep, per tuned cell,
+    only the runs of the best params."""
+    if not sweep.spec.get("search"):
+        return ""
+    spec = parse_spec(sweep.spec, f"{sweep.name}/spec.yaml")
+    summaries = searches.summarise(sweep.trials, spec)
+    sweep.trials = searches.best_runs_only(sweep.trials, spec)
+    return searches.render_markdown(summaries, spec.search.metric) if summaries else ""
+
+
+def failed_trials(sweep: SweepRuns) -> pd.DataFrame:
+    """FAILED trials that no later finished run of the same stage key replaced, with their error."""
+    trials = sweep.trials
+    finished_keys = set(trials.loc[trials.status == "FINISHED", "stage_key"]) - {""}
+    failed = trials[(trials.status == "FAILED") & ~trials.stage_key.isin(finished_keys)]
+    # log_tail: the last lines of the trial's log (sweeps.records.trial_log), where it recorded them
+    failed = failed.assign(log_tail=failed["log_tail"] if "log_tail" in failed else "")
+    return failed[["run_name", "grid", "stage", "optimiser", "ablation", "seed", "error", "log_tail"]].reset_index(drop=True)
+
+
+def render_failed_markdown(failed: pd.DataFrame) -> str:
+    """The failed trials as a Markdown list."""
+    if failed.empty:
+        return "No failed trials.\n"
+    items = [
+        f"- `{trial.run_name}` ({trial.stage}): {trial.error or 'no error recorded'}"
+        + (f"\n\n  ```\n{textwrap.indent(trial.log_tail, '  ')}\n  ```\n" if trial.log_tail else "")
+        for trial in failed.itertuples()
+    ]
+    return "\n".join([f"## Failed trials ({len(failed)})", "", *items, ""])
+
+
+
+
+@dataclass
+class Report:
+    """What `write_report` produced."""
+
+    tables: list[Table]
+    failed: pd.DataFrame
+    text: str
+    """The tables (and failed trials) in the chosen format, as written to `files[0]`."""
+    files: list[Path]
+    claims: list[ClaimResult]
+
+
+def teacher_runs(sweep: SweepRuns) -> pd.DataFrame:
+    """The sweep's finished teacher runs with their test accuracy (`final_test_acc_binary`: a
+    teacher has no binary weights, so it is the teacher's own accuracy)."""
+    trials = sweep.trials
+    teachers = trials[(trials.stage == "teacher") & (trials.status == "FINISHED")]
+    return pd.DataFrame({
+        "run_name": teachers.run_name, "run_id": teachers.run_id, "dataset": teachers.dataset, "seed": teachers.seed,
+        "test_acc": [final_metric(metrics, "test_acc_binary") for metrics in teachers.metrics],
+    }).sort_values(["dataset", "seed", "run_name"]).reset_index(drop=True)
+
+
+def render_teachers_markdown(teachers: pd.DataFrame) -> str:
+    """The distillation teachers and their test accuracies, to trace distilled cells to them."""
+    if teachers.empty:
+        return ""
+    items = [f"- `{t.run_name}` (run {t.run_id}): test accuracy {t.test_acc:.2f}%" for t in teachers.itertuples()]
+    return "\n".join([f"## Distillation teachers ({len(teachers)})", "", *items, ""])
+
+
+def claim_results(results: pd.DataFrame, layout: ReportSpec) -> list[ClaimResult]:
+    """The spec's claims judged on the finished result runs: one value per trained stage (a
+    re-run replaces its predecessor; roles sharing a stage, as capped budgets do, count once)."""
+    if not layout.claims:
+        return []
+    finished = results[results.status == "FINISHED"]
+    trained = finished.stage_key.where(finished.stage_key != "", finished.run_name)
+    finished = finished.assign(trained=trained).sort_values("start_time").drop_duplicates("trained", keep="last")
+    axes = sorted({axis for claim in layout.claims for axis in claim.axes()})
+    columns = finished.reindex(columns=[axis if axis in TRIAL_COLUMNS else f"param.{axis}" for axis in axes], fill_value="")
+    frame = pd.DataFrame(columns.to_numpy(), columns=axes, index=finished.index).assign(value=finished.value)
+    return evaluate_claims(frame, layout.claims, load_paper_tables())
+
+
+def render(
+    tables: list[Table], failed: pd.DataFrame, fmt: str, sweep_name: str,
+    claims: list[ClaimResult] = (), teachers: pd.DataFrame | None = None,
+) -> str:
+    """The tables in one format; Markdown also gives the claims' verdicts (first), the teachers
+    and the failed trials."""
+    if fmt == "csv":
+        return cells_frame(tables).to_csv(index=False)
+    if fmt == "latex":
+        return "\n".join(render_latex(table) for table in tables)
+    sections = [f"# Sweep report: {sweep_name}", ""]
+    if claims:
+        layout = tables[0].layout if tables else ReportSpec()
+        note = f"`{layout.metric}` at {SELECTION_NOTES[layout.select]}, report.select: {layout.select}"
+        sections += [render_claims_markdown(claims, note), f"![claims]({CLAIMS_PLOT})", ""]
+    sections += [render_markdown(table) for table in tables]
+    if teachers is not None:
+        sections.append(render_teachers_markdown(teachers))
+    return "\n".join(sections + [render_failed_markdown(failed)])
+
+
+def write_report(
+    tracking_uri: str,
+    sweep_name: str,
+    out_dir: Path | None = None,
+    fmt: str = "md",
+    compare_to: str | None = None,
+    log_artifacts: bool = True,
+    select: str | None = None,
+) -> Report:
+    """Build the sweep's claims, tables and plots, write them to `out_dir` (default
+    `reports/<sweep>`) and log them to the parent run under `report/`. `select` overrides the
+    spec's `report.select`."""
+    if fmt not in FORMAT_SUFFIX:
+        raise ReportError(f"unknown format {fmt!r}: expected one of {sorted(FORMAT_SUFFIX)}")
+    sweep = load_sweep(tracking_uri, sweep_name)
+    search_text = tuning_searches(sweep)
+    layout = report_layout(sweep, select)
+    results = result_trials(sweep, layout)
+    tables = build_tables(sweep, compare_to, layout, results)
+    try:
+        claims = claim_results(results[0], layout)
+    except BnewError as exc:
+        raise ReportError(str(exc)) from None
+    failed = failed_trials(sweep)
+    out_dir = Path(out_dir or Path("reports") / sweep_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = render(tables, failed, fmt, sweep_name, claims, teacher_runs(sweep))
+    if search_text and fmt == "md":
+        text += "\n" + search_text
+    table_path = out_dir / f"report.{FORMAT_SUFFIX[fmt]}"
+    table_path.write_text(text)
+    files = [table_path]
+    if claims:
+        claims_path = out_dir / "claims.csv"
+        claims_frame(claims).to_csv(claims_path, index=False)
+        files += [claims_path, plot_claims(claims, out_dir / CLAIMS_PLOT, f"{sweep_name}: claims, {layout.metric}")]
+    if not failed.empty:
+        failed_path = out_dir / "failed_trials.csv"
+        failed.to_csv(failed_path, index=False)
+        files.append(failed_path)
+    for table in tables:
+        files += plot_table(sweep, table, out_dir)
+    if log_artifacts:
+        sweep.log_files(files, "report")
+    return Report(tables, failed, text, files, claims)
+
+
+def default_tracking_uri(sweep_name: str) -> str:
+    """Where `bnew sweep run` tracked the sweep: its preset's tracking URI when the name is a
+    preset's, else the sweep service's default store."""
+    spec = load_spec(sweep_name) if sweep_name in preset_names() else SweepSpec(name=sweep_name)
+    return spec.resolved_tracking_uri()

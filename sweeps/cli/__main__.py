@@ -1,0 +1,5 @@
+"""`python -m sweeps.cli`, as `bnew`."""
+
+from sweeps.cli import app
+
+app()

@@ -1,0 +1,57 @@
+"""What a sweep writes into MLflow and reads back: the phases, the tags on its runs, and the
+states a stage can be in. Every layer names a tag or a state through this module."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+PHASES = ("teacher", "pretrain", "quantise", "real")
+"""Stage phases in plan order."""
+FINAL_PHASES = ("quantise", "real")
+"""Phases whose runs are the sweep's trials and fill its result tables; the others are prerequisites."""
+AXES = ("dataset", "optimiser", "ablation", "seed", "budget", "distillation")
+"""The grid's own axes; `axes.params` crosses any other trainer field."""
+
+TAG_PREFIX = "bnew."
+ROLE_TAG = "bnew.role"
+"""`sweep` on a sweep's parent run, `trial` on each of its trial runs."""
+SWEEP_TAG = "bnew.sweep"
+STAGE_KEY_TAG = "bnew.stage_key"
+"""A trial run's stage (content key): a FINISHED run with it, in any experiment, makes the stage reusable."""
+PARAM_TAG_PREFIX = "bnew.param."
+"""`bnew.param.<dotted key>`: a trial's value of an `axes.params` axis."""
+MLFLOW_PARENT_TAG = "mlflow.parentRunId"
+REUSED_FROM_TAG = "bnew.reused_from"
+"""On a trial run that did not train: the run id of the run that trained its stage."""
+STOPPED_EARLY_TAG = "bnew.stopped_early"
+"""On a tuned trial's KILLED run: a Tune scheduler (ASHA, median) stopped it before its budget."""
+CELL_TAG = "bnew.cell"
+"""On every trial of a tuned cell (its search trials and its repeats): the cell's label."""
+ERROR_TAG = "bnew.error"
+"""Why a run failed or was stopped (one line)."""
+LOG_TAIL_TAG = "bnew.log_tail"
+"""The last lines of a failed trial's log."""
+INTERRUPTED_TAG = "bnew.interrupted"
+"""On the parent run: the signal that stopped the sweep."""
+CAP_TAGS = {"max_epochs": "bnew.max_epochs", "max_batches": "bnew.max_batches"}
+"""On the parent run: the debug caps the plan was built with (they change stage keys)."""
+
+STATES = ("pending", "running", "done", "failed", "interrupted", "stopped")
+"""A stage's state; `stopped`: a tuned trial a scheduler stopped early (not a failure)."""
+RUN_STATUS_TO_STATE = {"FINISHED": "done", "RUNNING": "running", "SCHEDULED": "running", "FAILED": "failed",
+                       "KILLED": "interrupted"}
+
+
+def axis_tag(axis: str) -> str:
+    """The tag of a grid axis (`bnew.optimiser`) or of an `axes.params` key (`bnew.param.lr`)."""
+    return f"{TAG_PREFIX}{axis}" if axis in (*AXES, "grid", "stage") else f"{PARAM_TAG_PREFIX}{axis}"
+
+
+def stage_state(runs: Iterable[Any]) -> str:
+    """pending | running | done | interrupted | failed, from a stage's MLflow runs (a finished one
+    anywhere wins)."""
+    states = {RUN_STATUS_TO_STATE.get(run.info.status, "failed") for run in runs}
+    for state in ("done", "running", "interrupted", "failed"):
+        if state in states:
+            return state
+    return "pending"

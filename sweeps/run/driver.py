@@ -1,0 +1,231 @@
+"""The sweep's driver: run a plan's stages on Ray Tune (a local Ray or a cluster), or one by one
+in this process (`--debug`), and record the outcome.
+
+One Tuner runs the stage graph: its search algorithm, `StageScheduler`, suggests a stage as a
+Tune trial as soon as the stages it takes models from are done (`sweeps.run.stage_graph`). Each
+trial reports every epoch to Tune with the trainer's checkpoint on the epochs it writes one, so a
+retry (or `bnew sweep resume`, through `Tuner.restore`) continues from the last checkpoint, and
+records itself in MLflow (`sweeps.run.trial`). Then each tuned cell gets a search of its own
+(`sweeps.run.tuning`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from pyarrow.fs import FileType
+from ray import tune
+from ray.train._internal import checkpoint_manager
+
+from sweeps.analysis.searches import CellSearch
+from sweeps.core.plan import Plan, Stage
+from sweeps.core.schema import CAP_TAGS
+from sweeps.core.search import searched_templates, tuned_cells
+from sweeps.core.spec import SweepSpec, dump_spec
+from sweeps.records import lineage, trial_log
+from sweeps.records.tracker import Tracker
+from sweeps.run.checks import check_before_run
+from sweeps.run.events import SINKS, EventSink
+from sweeps.run.interrupt import Interruption
+from sweeps.run.stage_graph import StageScheduler, trial_dirname, trial_name
+from sweeps.run.storage import check_storage_reaches_every_node, experiment_uris
+from sweeps.run.trial import SweepContext, execute_stage
+from sweeps.run.tune_config import REUSE_ACTORS, trainable, tune_run_config, tune_storage
+from sweeps.run.tuning import run_cells
+
+Log = Callable[[str], None]
+ShowEvents = Callable[[list[Stage], set[str]], EventSink]
+"""Opens a view of the stages to train (given those reused) that registers itself in `SINKS`
+until its `close()`: the console, injected by the command line."""
+
+
+@dataclass
+class SweepOutcome:
+    """Stage keys by how the sweep left them."""
+
+    reused: set[str] = field(default_factory=set)
+    trained: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    """Started, not finished and not stopped from outside."""
+    interrupted_stages: set[str] = field(default_factory=set)
+    """Started, not finished: stopped from outside (a signal, a lost driver)."""
+    not_run: set[str] = field(default_factory=set)
+    """Never started: an input failed, or the sweep was interrupted first."""
+    interrupted: str | None = None
+    """The signal that stopped the sweep (SIGINT, SIGTERM), if one did."""
+    searches: list[CellSearch] = field(default_factory=list)
+    """Each cell searched to its end by this run."""
+
+
+def start_ray(address: str | None, local: bool, log: Log, verbose: bool = False) -> None:
+    """Connect to (or with `local`, start) Ray once per process.
+
+    Workers' output stays in their trial logs unless `verbose` (then it streams here too)."""
+    if ray.is_initialized():
+        return
+    skip_deleted_checkpoints()
+    if not verbose:  # the console prints each failure's reason; its traceback is in the trial's log
+        os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+        # Tune's closing "ERROR ... Trials did not complete" repeats the console's FAILED lines.
+        logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
+    if local:
+        # A Ray only this driver uses, on loopback: its token-auth advice is not the user's business.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=verbose)
+    else:  # None: RAY_ADDRESS, a running cluster, or a new one
+        ray.init(address=address, logging_level="WARNING", log_to_driver=verbose)
+    log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+
+
+def skip_deleted_checkpoints() -> None:
+    """Let Tune's checkpoint manager pass over an old checkpoint that is gone already.
+
+    A driver stopped after Tune deleted a trial's oldest checkpoint (`num_to_keep`) and before it
+    saved the experiment state leaves that checkpoint listed. After `resume`, Ray 2.60's manager
+    deletes it again, `_is_directory` raises FileNotFoundError outside its try, and Tune prints an
+    ERROR with a traceback and skips the rest of registering the trial's new checkpoint (seen in
+    the S3 killed-driver test)."""
+    delete = checkpoint_manager._delete_fs_path
+    if getattr(delete, "skips_missing", False):
+        return
+
+    def delete_if_there(fs: Any, fs_path: str) -> None:
+        if fs.get_file_info(fs_path).type != FileType.NotFound:
+            delete(fs=fs, fs_path=fs_path)
+
+    delete_if_there.skips_missing = True  # type: ignore[attr-defined]
+    checkpoint_manager._delete_fs_path = delete_if_there
+
+
+def sweep_tuner(spec: SweepSpec, stages: list[Stage], done: set[str], context: SweepContext,
+                verbose: bool = False) -> tune.Tuner:
+    """A Tuner for `stages` (a new Tune experiment under the sweep's storage folder)."""
+    return tune.Tuner(
+        trainable(spec),
+        tune_config=tune.TuneConfig(
+            search_alg=StageScheduler(stages, done, context),
+            num_samples=len(stages),
+            max_concurrent_trials=spec.max_concurrent,
+            reuse_actors=REUSE_ACTORS,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune_run_config(spec, time.strftime("%Y%m%d-%H%M%S"), verbose),
+    )
+
+
+def run_in_process(stages: list[Stage], context: SweepContext, work_root: Path, log: Log) -> None:
+    """`--debug`: every stage in this process, in plan order (inputs first), no Ray."""
+    for index, stage in enumerate(stages, 1):
+        log(f"[{index}/{len(stages)}] {stage.name} ({stage.phase}, {stage.epochs} epochs)")
+        work_dir = work_root / stage.name.replace("/", "_")
+        shutil.rmtree(work_dir, ignore_errors=True)  # a debug run starts each stage afresh
+        with trial_log.capture_output(work_dir / trial_log.LOG_NAME, tee=True):  # breakpoints keep the terminal
+            execute_stage(stage, context, work_dir)
+
+
+def open_sweep(spec: SweepSpec, plan: Plan, log: Log) -> tuple[Tracker, SweepContext, SweepOutcome]:
+    """Experiment, parent run, and which stages MLflow already has (their roles linked here)."""
+    tracker = Tracker(spec.resolved_tracking_uri())
+    experiment_id = tracker.experiment_id(spec.name)
+    parent_run_id = tracker.open_sweep_run(experiment_id, spec.name, dump_spec(spec))
+    for key, tag in CAP_TAGS.items():
+        tracker.client.set_tag(parent_run_id, tag, str(getattr(plan, key) or ""))
+    source_tags = lineage.driver_source_tags(lineage.driver_command())
+    lineage.record_sweep(tracker.client, experiment_id, parent_run_id, spec.description, source_tags)
+    context = SweepContext(spec.name, tracker.uri, experiment_id, parent_run_id, source_tags)
+    runs_by_key = tracker.stage_runs(list(plan.stages), tracker.trial_runs(experiment_id))
+    finished = tracker.finished_stages(list(plan.stages), runs_by_key)
+    for key in finished:
+        tracker.link_missing_roles(experiment_id, parent_run_id, spec.name, plan.stages[key], runs_by_key[key])
+    outcome = SweepOutcome(reused=set(finished))
+    log(f"MLflow: experiment {spec.name!r} at {tracker.uri}, parent run {parent_run_id}")
+    return tracker, context, outcome
+
+
+def run_sweep(
+    spec: SweepSpec,
+    plan: Plan,
+    log: Log,
+    address: str | None = None,
+    local: bool = False,
+    debug: bool = False,
+    restore: str | None = None,
+    verbose: bool = False,
+    show: ShowEvents | None = None,
+) -> SweepOutcome:
+    """Train every stage of `plan` that MLflow does not have finished yet; with `restore`, first
+    continue that Tune experiment (its unfinished and errored trials, from their checkpoints).
+    `show` opens the view of the trials (the console) once Ray runs."""
+    check_before_run(plan, "local" if debug or local else address)
+    tracker, context, outcome = open_sweep(spec, plan, log)
+    cells = tuned_cells(plan)  # searched after the stage graph's Tuner (sweeps.run.tuning says why)
+    templates = searched_templates(plan)
+    pending = [stage for key, stage in plan.stages.items() if key not in outcome.reused and key not in templates]
+    log(f"{len(outcome.reused)} stages reused, {len(pending)} to train ({plan.epochs({s.key for s in pending})} epochs)"
+        + (f", then {len(cells)} searches of {spec.search.samples} params x their seeds" if cells else ""))
+    interruption = Interruption()
+    view = None
+    try:
+        if pending and debug:
+            run_in_process(pending, context, Path(tune_storage(spec)) / "debug", log)
+        elif pending or cells:
+            start_ray(address, local, log, verbose)
+            check_storage_reaches_every_node(tune_storage(spec))
+            if restore is not None:  # said before the console takes stdout
+                log(f"resuming Tune experiment {restore}")
+            view = show(pending, outcome.reused) if show else None
+            done = set(outcome.reused)
+            if restore is not None:
+                interruption.fit(tune.Tuner.restore(restore, trainable(spec), resume_errored=True))
+                done |= set(tracker.finished_stages([stage.key for stage in pending]))
+            missing = [stage for stage in pending if stage.key not in done]
+            if missing:
+                interruption.fit(sweep_tuner(spec, missing, done, context, verbose))
+            outcome.searches = run_cells(spec, cells, tracker, context, interruption, log, verbose)
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's SIGTERM handler, outside Tune
+        interruption.signal_name = interruption.signal_name or "SIGINT"
+        raise
+    finally:
+        if view is not None:
+            view.close()
+        outcome.interrupted = interruption.signal_name
+        finish(tracker, context, outcome, pending)
+    return outcome
+
+
+def finish(tracker: Tracker, context: SweepContext, outcome: SweepOutcome, pending: list[Stage]) -> None:
+    """Sort the pending stages by what MLflow now says and close the parent run.
+
+    Tune has ended every trial by now, so a run still RUNNING belongs to a trial stopped from
+    outside (the sweep interrupted, or its process lost for good): it is marked KILLED."""
+    runs_by_key = tracker.stage_runs([stage.key for stage in pending], tracker.trial_runs(context.experiment_id))
+    reason = (f"interrupted ({outcome.interrupted})" if outcome.interrupted
+              else "its process ended without recording the end of the run")
+    tracker.kill_running_trials(context.experiment_id, runs_by_key, f"{reason}; `bnew sweep resume` continues it")
+    outcome.trained = set(tracker.finished_stages(list(runs_by_key), runs_by_key))
+    unfinished = {key: runs for key, runs in runs_by_key.items() if runs and key not in outcome.trained}
+    # What kill_running_trials just marked KILLED, or a stop marked before: stopped from outside.
+    outcome.interrupted_stages = {key for key, runs in unfinished.items()
+                                  if runs[0].info.status in ("RUNNING", "SCHEDULED", "KILLED")}
+    outcome.failed = set(unfinished) - outcome.interrupted_stages
+    outcome.not_run = {key for key, runs in runs_by_key.items() if not runs}
+    tracker.finish_sweep_run(context.parent_run_id, len(unfinished) + len(outcome.not_run), outcome.interrupted)
+
+
+def resume_sweep(spec: SweepSpec, plan: Plan, log: Log, address: str | None = None, local: bool = False,
+                 verbose: bool = False, show: ShowEvents | None = None) -> SweepOutcome:
+    """Continue the latest Tune experiment of the sweep (unfinished and errored trials resume from
+    their checkpoints), then run whatever stages are still missing."""
+    storage = tune_storage(spec)
+    restorable = [uri for uri in experiment_uris(storage) if tune.Tuner.can_restore(uri)]
+    if not restorable:
+        log(f"no Tune experiment of {spec.name!r} under {storage} to restore; running the missing stages")
+    return run_sweep(spec, plan, log, address=address, local=local, restore=restorable[-1] if restorable else None,
+                     verbose=verbose, show=show)
