@@ -29,24 +29,13 @@ from .callbacks import Callback, Metrics, TrialResult
 from .checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT, load_file, rng_state, save_atomic, set_rng_state, write_checksum
 from .config import BnewError, TrialConfig, build_trial_config, dump_trial_config
 from .data import BatchLoader, ImageData, Split, eval_batches, load_data
+from .device import DeviceChoice, choose_device, observe_cuda, resolve_device  # noqa: F401 (bench imports it here)
 from .models import build_model
 from .optimisers import WeightMethod, build_method
 
 
 class DivergedError(BnewError):
     """The loss became NaN or infinite: training cannot recover, and a retry would do the same."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BnewError(f"device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BnewError(f"device: {name} requested but no CUDA device is available")
-    return device
 
 
 COMPILE_MIN_STEPS = 2000
@@ -126,9 +115,21 @@ def accuracy(model: nn.Module, split: Split, loader: BatchLoader, batch_size: in
     return correct * (100.0 / len(split))
 
 
+def with_device_choice(config: TrialConfig, choice: DeviceChoice) -> TrialConfig:
+    """A copy of `config` that tells the callbacks what it trains on (`config.device_choice`);
+    the caller's config stays as it was."""
+    copy = config.model_copy()
+    copy._device_choice = choice
+    return copy
+
+
 def train(config: TrialConfig, callbacks: Sequence[Callback] = (), resume_from: Path | None = None) -> TrialResult:
     """Run one trial to the end (or continue it from `resume_from`) and return its result."""
-    device = resolve_device(config.device)
+    choice = choose_device(config.device, observe_cuda())  # first: a device error must not wait for the data
+    device = choice.device
+    if choice.fallback:
+        print(f"device: {choice.fallback}; training on the CPU", flush=True)
+    config = with_device_choice(config, choice)
     seed_everything(config.seed)
     data = load_data(config.data).to(device)
     model = build_model(config.model, data.in_channels, data.num_classes).to(device)
@@ -250,7 +251,7 @@ def train(config: TrialConfig, callbacks: Sequence[Callback] = (), resume_from: 
             "in_channels": data.in_channels,
             "metrics": history[-1],
         }, output_dir / "model.pt")
-    result = TrialResult(history[-1], history, model_path, checkpoint_path, output_dir)
+    result = TrialResult(history[-1], history, model_path, checkpoint_path, output_dir, extra={"device": choice})
     for callback in callbacks:
         callback.on_train_end(result)
     return result

@@ -1,5 +1,6 @@
-"""Claims and model selection in reports: Welch contrasts against hand computations, verdicts,
-the paper's effects from tables.json, spec checks, and `report.select` on a real MLflow store."""
+"""Claims and model selection in reports: Welch and paired contrasts against hand computations,
+verdicts, the paper's effects from tables.json, spec checks, and `report.select`, the data note
+and the per-seed files on a real MLflow store (the oracle tests are in test_claims_statistics.py)."""
 
 from __future__ import annotations
 
@@ -7,25 +8,37 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from scipy import stats
 
 from bnew_core.config import BnewError
-from sweeps.analysis.claims import CONTRADICTED, HOLDS, NOT_SHOWN, CellSample, paper_effect, verdict
+from sweeps.analysis.claims import (
+    CONTRADICTED,
+    HOLDS,
+    NOT_SHOWN,
+    CellSample,
+    Power,
+    claim_test,
+    paper_effect,
+    verdict,
+)
 from sweeps.analysis.report import write_report
-from sweeps.analysis.statistics import welch_contrast
 from sweeps.analysis.tables import load_paper_tables
 from sweeps.core.spec import load_spec, parse_spec
 
 
 def cells(*samples: tuple[int, list[float]]) -> list[CellSample]:
-    return [CellSample({"cell": str(index)}, sign, np.array(values)) for index, (sign, values) in enumerate(samples)]
+    """Cells whose runs have seeds of their own (cell i: seeds `i.0`, `i.1`, ...): no shared seed, Welch."""
+    return [CellSample({"cell": str(index)}, sign, np.array(values), tuple(f"{index}.{k}" for k in range(len(values))))
+            for index, (sign, values) in enumerate(samples)]
 
 
 def welch(compared: list[CellSample]) -> tuple[float, float, float, float]:
     """The claim's contrast of `compared` as the claims test it: effect, se, df, p."""
-    test = welch_contrast([cell.coefficient for cell in compared], [cell.values for cell in compared])
+    test = claim_test(compared)
+    assert test.test == "welch"
     return test.effect, test.se, test.df, test.p_value
 
 
@@ -54,13 +67,25 @@ def test_difference_in_differences_by_hand() -> None:
 
 def test_verdicts_follow_significance_and_the_papers_sign() -> None:
     lower, higher = [40.0, 41.0, 40.5], [55.0, 55.5, 56.0]
-    effect, _, _, p_value = welch(drop := cells((1, lower), (-1, higher)))
-    assert verdict(drop, effect, p_value, expected=-13.3)[0] == HOLDS
-    assert verdict(drop, effect, p_value, expected=+2.5)[0] == CONTRADICTED
-    noisy = cells((1, [50.0, 58.0, 54.0]), (-1, [53.0, 57.0, 55.5]))
-    assert verdict(noisy, *welch(noisy)[::3], expected=-1.3) == (NOT_SHOWN, "p >= 0.05")
-    single = cells((1, [50.0]), (-1, higher))
-    assert verdict(single, *welch(single)[::3], expected=-1.3) == (NOT_SHOWN, "fewer than two runs in a cell")
+    power = Power(1.0, 3, 2.0, 1.3, "paper", 5)  # MDE 2.0 above the 1.3 of interest
+    drop = claim_test(cells((1, lower), (-1, higher)))
+    assert verdict(drop, drop.p_value, -13.3, power) == (HOLDS, "p < 0.05, the paper's sign")
+    assert verdict(drop, drop.p_value, +2.5, power)[0] == CONTRADICTED
+    assert verdict(drop, 0.2, -13.3, power, "Holm over 5 claims") == (
+        NOT_SHOWN, "p < 0.05 but adjusted p >= 0.05 (Holm over 5 claims)")
+    assert verdict(drop, 0.01, -13.3, power, "Holm over 5 claims") == (
+        HOLDS, "adjusted p < 0.05 (Holm over 5 claims), the paper's sign")
+    noisy = claim_test(cells((1, [50.0, 58.0, 54.0]), (-1, [53.0, 57.0, 55.5])))
+    assert verdict(noisy, noisy.p_value, -1.3, power) == (NOT_SHOWN, (
+        "undecided at n=3: its CI holds 0, and 80% power needs an effect of 2.00 or more (the MDE), above the "
+        "1.30 of interest (paper); 5 seeds per cell would decide it"))
+    powerful = Power(1.0, 3, 1.0, 1.3, "smallest_effect", 2)
+    assert verdict(noisy, noisy.p_value, -1.3, powerful) == (NOT_SHOWN, (
+        "p >= 0.05, though n=3 had 80% power for effects of 1.00 or more, within the 1.30 of interest (stated)"))
+    single = claim_test(cells((1, [50.0]), (-1, higher)))
+    assert verdict(single, single.p_value, -1.3, power) == (NOT_SHOWN, "fewer than two runs in a cell")
+    flat = claim_test(cells((1, [50.0, 50.0]), (-1, [50.0, 50.0])))
+    assert verdict(flat, flat.p_value, -1.3, power) == (NOT_SHOWN, "no spread between seeds to test")
 
 
 def test_study_preset_takes_the_papers_effects_from_tables_json() -> None:
@@ -81,6 +106,8 @@ def study_dict() -> dict:
      "report.claims.0.contrast"),
     (lambda r: r["claims"][0]["where"].update(ablation="baseline"), "axis ablation is given twice"),
     (lambda r: r.update(select="best"), "report.select"),
+    (lambda r: r.update(correction="bonferroni"), "report.correction"),
+    (lambda r: r["claims"][2].update(smallest_effect=-1.0), "report.claims.2.smallest_effect"),
 ])
 def test_spec_names_the_bad_claim_key(change, message: str) -> None:
     data = study_dict()
@@ -105,6 +132,7 @@ SPEC = {
     "name": SWEEP, "grid": "g",
     "axes": {"dataset": ["synthetic"], "optimiser": ["bnew"], "ablation": ["baseline", "no_prelu"],
              "seed": [0, 1, 2], "budget": [3], "distillation": [False]},
+    "base": {"data": {"train_limit": 500, "split_seed": 4}},
     "datasets": {"synthetic": {"val_size": 100}},
     "report": {
         "rows": ["ablation"], "columns": ["optimiser"], "baseline": "baseline", "select": "best_val",
@@ -168,10 +196,23 @@ def test_best_val_reports_the_test_accuracy_at_the_best_validation_epoch(trackin
     treated = [best_val_test(HISTORIES[("no_prelu", seed)]) for seed in range(3)]
     control = [best_val_test(HISTORIES[("baseline", seed)]) for seed in range(3)]
     assert claim.effect == pytest.approx(np.mean(treated) - np.mean(control))
-    assert claim.p_value == pytest.approx(stats.ttest_ind(treated, control, equal_var=False).pvalue)
+    # every seed trained both cells: paired by seed, one claim so nothing to adjust
+    assert claim.p_value == pytest.approx(stats.ttest_rel(treated, control).pvalue)
+    assert claim.adjusted_p == pytest.approx(claim.p_value) and claim.test.test == "paired"
     assert (claim.paper_effect, claim.verdict) == (pytest.approx(-1.3), HOLDS)
     assert "| relu costs points |" in report.text and "**holds**" in report.text
-    assert {path.name for path in report.files} >= {"report.md", "claims.csv", "claims.png"}
+    assert "| paired by seed, 3 seeds in every cell |" in report.text
+    assert "Holm-adjusted over the 1 claim tested" in report.text
+    assert {path.name for path in report.files} >= {"report.md", "claims.csv", "claims_seeds.csv", "claims.png"}
+    seeds = pd.read_csv(tmp_path / "best" / "claims_seeds.csv")
+    no_prelu = seeds[seeds.cell == "ablation=no_prelu"]
+    assert no_prelu.seed.tolist() == [0, 1, 2] and no_prelu.value.tolist() == treated
+    assert seeds[seeds.cell == "per-seed contrast"].value.tolist() == pytest.approx(
+        [t - c for t, c in zip(treated, control)])
+    # the images the p-values are about, from the stored spec's data settings
+    assert ("- `synthetic`: training images: 500, a random subset (seed 5) of those left after holding out 100 "
+            "for validation (split seed 4); test images: all.") in report.text
+    assert "Every p-value and confidence interval below is about these images only" in report.text
     # the teachers' test accuracies, so a distilled cell can be traced to its teacher
     assert "`g/teacher/seed0`" in report.text and "test accuracy 71.50%" in report.text
 

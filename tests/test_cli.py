@@ -59,3 +59,16 @@ def test_bad_input_exits_with_one_line(tmp_path: Path, yaml_text: str, flags: li
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
     result = bnew("train", "nope.yaml", cwd=tmp_path)
     assert result.returncode == 2 and "nope.yaml: config file not found" in result.stderr
+
+
+def test_sweep_list_into_a_pipe_keeps_every_name_whole(tmp_path: Path) -> None:
+    """What a user types from (preset names, grids) is never cut: plain lines outside a terminal."""
+    from sweeps.core.spec import load_spec, preset_names
+
+    result = bnew("sweep", "list", cwd=tmp_path)
+    assert result.returncode == 0 and "…" not in result.stdout
+    lines = result.stdout.splitlines()
+    for name in preset_names():
+        spec = load_spec(name)
+        (line,) = [line for line in lines if line.split()[:1] == [name]]
+        assert line.split()[1] == spec.grid_label and line.endswith(spec.description)  # one line, whole

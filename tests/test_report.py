@@ -11,6 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 from bnew_core.config import BnewError
 from sweeps.analysis.report import write_report
@@ -61,9 +62,9 @@ TABLE2_SPEC = {
 }
 
 
-def welch(sample: list[float], reference: list[float]) -> float:
-    """The hand-computed reference: scipy's two-sided Welch t-test."""
-    return stats.ttest_ind(sample, reference, equal_var=False).pvalue
+def paired(sample: list[float], reference: list[float]) -> float:
+    """The oracle for cells whose runs share seeds 0, 1, 2: scipy's paired t-test."""
+    return stats.ttest_rel(sample, reference).pvalue
 
 
 def log_trial(client, experiment_id: str, parent_id: str, name: str, tags: dict[str, str], final: float | None) -> None:
@@ -161,10 +162,16 @@ def test_cells_match_hand_computed_statistics(tracking_uri: str) -> None:
         assert cell.n == 3 and cell.status == "ok"
         assert cell["mean"] == pytest.approx(np.mean(finals))
         assert cell["std"] == pytest.approx(np.std(finals, ddof=1))
-    expected_p = welch(FINAL_ACC[("bnew", "200/yes")], FINAL_ACC[("ste", "200/yes")])
+    expected_p = paired(FINAL_ACC[("bnew", "200/yes")], FINAL_ACC[("ste", "200/yes")])
     bnew = table.cells.loc[("bnew", "200/yes")]
-    assert bnew.p_value == pytest.approx(expected_p)
-    assert bnew.significant == (expected_p < 0.05)
+    assert bnew.p_value == pytest.approx(expected_p) and bnew.test == "paired"
+    # the family: bnew and real_valued against ste at 200/yes, real_valued at 1000/yes (bnew's is missing)
+    real = [paired(REAL_ACC, FINAL_ACC[("ste", column)][:2]) for column in ("200/yes", "1000/yes")]
+    holm = multipletests([expected_p, *real], method="holm")[1]
+    assert bnew.p_adjusted == pytest.approx(holm[0]) and bnew.significant == (holm[0] < 0.05)
+    real_cell = table.cells.loc[("real_valued", "1000/yes")]
+    assert real_cell.p_adjusted == pytest.approx(holm[2])
+    assert real_cell.test_reason == "paired by seed, 2 seeds in every cell (1 value without a partner left out)"
     assert math.isnan(table.cells.loc[("ste", "200/yes")].p_value)  # the reference itself
     assert (bnew.paper_mean, bnew.paper_std) == (55.8, 0.5)
 
@@ -191,17 +198,17 @@ def test_ablation_table_excluded_cell_and_paper_values(tracking_uri: str) -> Non
     assert table.row_labels == ["baseline", "regulariser_l1"] and table.column_labels == ["ste", "bnew"]
     assert table.cells.loc[("regulariser_l1", "ste")].status == "n/a"  # excluded by the spec
     cell = table.cells.loc[("regulariser_l1", "bnew")]
-    expected_p = welch(TABLE2_ACC[("regulariser_l1", "bnew")], TABLE2_ACC[("baseline", "bnew")])
+    expected_p = paired(TABLE2_ACC[("regulariser_l1", "bnew")], TABLE2_ACC[("baseline", "bnew")])
     assert cell.p_value == pytest.approx(expected_p) and (cell.paper_mean, cell.paper_std) == (54.5, 0.5)
     (by_optimiser,) = build_tables(load_sweep(tracking_uri, TABLE2), compare_to="ste")
-    expected_p = welch(TABLE2_ACC[("baseline", "bnew")], TABLE2_ACC[("baseline", "ste")])
+    expected_p = paired(TABLE2_ACC[("baseline", "bnew")], TABLE2_ACC[("baseline", "ste")])
     assert by_optimiser.cells.loc[("baseline", "bnew")].p_value == pytest.approx(expected_p)  # same row, column ste
 
 
 def test_compare_to_and_unknown_reference(tracking_uri: str) -> None:
     sweep = load_sweep(tracking_uri, SWEEP)
     (table,) = build_tables(sweep, compare_to="bnew")
-    expected_p = welch(FINAL_ACC[("ste", "200/yes")], FINAL_ACC[("bnew", "200/yes")])
+    expected_p = paired(FINAL_ACC[("ste", "200/yes")], FINAL_ACC[("bnew", "200/yes")])
     assert table.cells.loc[("ste", "200/yes")].p_value == pytest.approx(expected_p)
     assert math.isnan(table.cells.loc[("ste", "1000/yes")].p_value)  # its reference cell is missing
     with pytest.raises(ReportError, match="bop"):
@@ -226,7 +233,12 @@ def test_write_report_files_and_artifacts(tracking_uri: str, tmp_path: Path, fmt
         assert r"\toprule" in text and r"\bottomrule" in text and r"real\_valued" in text
         assert f"{ste_mean:.2f} $\\pm$ {ste_std:.2f}" in text
     else:
-        assert "missing" in text and text.splitlines()[0].startswith("grid,dataset,row,column,n,mean,std,p_value")
+        header = "grid,dataset,row,column,n,mean,std,p_value,p_adjusted"
+        assert "missing" in text and text.splitlines()[0].startswith(header)
+        cells = pd.read_csv(tmp_path / "report.csv").set_index(["row", "column"])
+        assert cells.loc[("ste", "200/yes"), "seed_values"] == " ".join(
+            f"{seed}:{value!r}" for seed, value in zip(SEEDS, FINAL_ACC[("ste", "200/yes")]))
+        assert cells.loc[("bnew", "200/yes"), "test"] == "paired"
     assert list(report.failed.run_name) == ["table1/bnew/1000/yes/seed0"]
     pngs = [path for path in report.files if path.suffix == ".png"]
     assert {path.name for path in pngs} == {

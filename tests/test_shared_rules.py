@@ -4,6 +4,7 @@ flatten, which run is a sweep's parent and what a missing spec means, and the ex
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,13 +45,18 @@ def test_no_address_means_what_ray_init_joins(monkeypatch) -> None:
     monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
     assert is_other_machine(None)  # was taken for this machine by `run`, then joined that cluster
     assert not is_other_machine("local") and not is_other_machine("127.0.0.1:6379")
+    own = [address for address in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+           if "." in address]  # this machine's IPv4 addresses
+    for address in own:  # a driver on the head node: Ray sets RAY_ADDRESS to the head's own IP
+        monkeypatch.setenv("RAY_ADDRESS", f"{address}:6379")
+        assert not is_other_machine(None)
 
 
 @pytest.mark.parametrize("tracking_uri", ["http://127.0.0.1:5000", "sqlite:////tmp/mlflow.db"])
 def test_run_and_submit_refuse_the_same_tracking_uris_for_another_machine(tracking_uri: str) -> None:
     with pytest.raises(BnewError, match="tracking_uri"):  # `run --address` let the loopback one pass
         check_tracking_reaches(tracking_uri, "ray://10.1.2.3:10001")
-    with pytest.raises(BnewError, match="tracking_uri"):
+    with pytest.raises(BnewError, match="tracking.uri"):
         cluster_tracking_uri(tracking_uri, None, "http://10.1.2.3:8265")
     check_tracking_reaches("http://mlflow:5000", "ray://10.1.2.3:10001")
     check_tracking_reaches(tracking_uri, "127.0.0.1:6379")  # a loopback cluster shares this machine

@@ -58,14 +58,16 @@ def test_bad_spec_is_one_line_and_exit_2_before_ray_or_mlflow(
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
-def test_a_grid_over_the_size_limit_runs_with_yes_and_plan_shows_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_grid_over_the_size_limit_plans_and_runs_with_yes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sweeps.cli.common import load_sweep_plan
 
     monkeypatch.setenv("BNEW_PROJECT_DIR", str(tmp_path))
     spec = str(Path(__file__).parent / "bad_specs" / "grid_over_size_limit.yaml")
     _, plan = load_sweep_plan(spec, None, None, yes=True)
     assert len(plan.trial_roles()) == 1200
-    shown = CliRunner().invoke(app, ["sweep", "plan", spec, "--no-lookup"])
+    refused = CliRunner().invoke(app, ["sweep", "plan", spec, "--no-lookup"])
+    assert refused.exit_code == 2 and "1200 trials, more than 1000" in refused.stderr
+    shown = CliRunner().invoke(app, ["sweep", "plan", spec, "--no-lookup", "--yes"])
     assert shown.exit_code == 0 and "1200 trials" in shown.stdout
 
 

@@ -185,6 +185,40 @@ def test_submitted_demo_runs_on_every_worker_node(cluster: dict[str, str], tmp_p
     assert refused.value.code == 401
 
 
+def shared_pretrain_spec(name: str, optimisers: list[str]) -> dict:
+    """Digits sweeps with the same pretrained models (seeds 0 and 1) and their own quantise trials."""
+    return {"name": name, "axes": {"dataset": ["digits"], "optimiser": optimisers, "seed": [0, 1], "budget": [2]},
+            "base": {"batch_size": 64, "device": "cpu"}, "phases": {"pretrain": {"epochs": 3}}, "resources": {"cpu": 1}}
+
+
+@pytest.mark.slow
+@pytest.mark.debian("postgresql")  # the cluster's MLflow store
+def test_two_submissions_sharing_pretrained_models_train_each_once(cluster: dict[str, str], tmp_path: Path) -> None:
+    """Submitted at the same moment, two sweeps need the same two pretrained models: each is trained
+    once (the other sweep waits on its lease and links the run), and both sweeps finish."""
+    env = client_env(cluster, tmp_path)
+    jobs = []
+    for name, optimisers in (("shared-a", ["ste", "bop"]), ("shared-b", ["bnew", "bmd"])):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(shared_pretrain_spec(name, optimisers)))
+        jobs.append(submitted_job(bnew("sweep", "submit", str(tmp_path / f"{name}.yaml"), "--max-batches", "8",
+                                       env=env, cwd=tmp_path)))
+    logs = [bnew("sweep", "logs", job, "--follow", env=env, cwd=tmp_path) for job in jobs]
+    for job, followed in zip(jobs, logs):
+        assert followed.returncode == 0 and f"job {job}: SUCCEEDED" in followed.stdout, followed.stdout[-3000:]
+    pretrains = [run for name in ("shared-a", "shared-b") for run in experiment_runs(name)
+                 if run.data.tags.get("bnew.stage") == "pretrain"]
+    keys = {run.data.tags["bnew.stage_key"] for run in pretrains}
+    assert len(keys) == 2  # seeds 0 and 1, shared by both sweeps
+    for key in keys:
+        trained = [run for run in pretrains if run.data.tags["bnew.stage_key"] == key
+                   and run.info.status == "FINISHED" and "bnew.reused_from" not in run.data.tags]
+        assert len(trained) == 1, [(run.info.run_name, run.info.status, run.data.tags.get("bnew.sweep")) for run in pretrains]
+    assert all(run.info.status == "FINISHED" for run in pretrains)  # each sweep has its pretrains, trained or linked
+    for name in ("shared-a", "shared-b"):  # and both reports read their own four trials
+        quantised = [run for run in experiment_runs(name) if run.data.tags.get("bnew.stage") == "quantise"]
+        assert len(quantised) == 4 and {run.info.status for run in quantised} == {"FINISHED"}
+
+
 STOPPABLE_SPEC = {
     "name": "stoppable", "axes": {"dataset": ["digits"], "optimiser": ["ste", "bnew"], "budget": [30]},
     "base": {"batch_size": 64, "device": "cpu"}, "phases": {"pretrain": {"epochs": 1}},

@@ -171,7 +171,7 @@ def test_cluster_runs_need_a_tracking_server(tmp_path: Path) -> None:
 
 
 def test_stages_on_the_longest_chain_of_epochs_start_first() -> None:
-    from sweeps.run.stage_graph import critical_path_order
+    from sweeps.core.schedule import critical_path_order
 
     plan = build_plan(load_spec("cifar10-cpu-study"))
     order = [plan.stages[key] for key in critical_path_order(list(plan.stages.values()))]

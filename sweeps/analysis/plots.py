@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sweeps.analysis.claims import CONTRADICTED, HOLDS, NOT_SHOWN, ClaimResult
+from sweeps.analysis.claims import CONTRADICTED, HOLDS, NOT_SHOWN, ClaimResult, wrapped_reason
 from sweeps.analysis.tables import Table, has_paper_values
 from sweeps.records.sweep_runs import SweepRuns
 
@@ -131,7 +131,8 @@ def plot_claims(results: list[ClaimResult], path: Path, title: str) -> Path:
     plt = pyplot()
     from matplotlib.lines import Line2D  # heavy, after the backend is chosen
 
-    figure, ax = plt.subplots(figsize=(10, 0.7 * len(results) + 1.8))
+    labels = [f"{result.claim.name}\n{wrapped_reason(result)}" for result in results]
+    figure, ax = plt.subplots(figsize=(12, 0.25 * sum(label.count("\n") + 1 for label in labels) + 1.8))
     positions = np.arange(len(results))[::-1]
     for y, result in zip(positions, results):
         low, high = result.ci95()
@@ -142,7 +143,7 @@ def plot_claims(results: list[ClaimResult], path: Path, title: str) -> Path:
             ax.plot(result.effect, y, "o", color=colour)
         ax.plot(result.paper_effect, y, "D", color="black", markersize=5)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(positions, [f"{r.claim.name}\n{r.verdict} ({r.reason})" for r in results], fontsize=8)
+    ax.set_yticks(positions, labels, fontsize=7)
     ax.set_xlabel("effect, accuracy points")
     ax.set_title(title, fontsize=10)
     legend = [Line2D([], [], color=colour, marker="o", label=f"this sweep, 95% CI: {name}")

@@ -8,12 +8,20 @@ from __future__ import annotations
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import pandas as pd
+from pydantic import ValidationError
 
-from bnew_core.config import BnewError
-from sweeps.analysis import searches
-from sweeps.analysis.claims import ClaimResult, claims_frame, evaluate_claims, render_claims_markdown
+from bnew_core.config import BnewError, DataConfig
+from sweeps.analysis import cost, searches
+from sweeps.analysis.claims import (
+    ClaimResult,
+    claims_frame,
+    claims_seeds_frame,
+    evaluate_claims,
+    render_claims_markdown,
+)
 from sweeps.analysis.plots import plot_claims, plot_table
 from sweeps.analysis.tables import (
     SELECTION_NOTES,
@@ -29,6 +37,7 @@ from sweeps.analysis.tables import (
     report_layout,
     result_trials,
 )
+from sweeps.core.schema import FINAL_PHASES
 from sweeps.core.spec import ReportSpec, SweepSpec, load_spec, parse_spec, preset_names
 from sweeps.records.sweep_runs import SweepRuns, load_sweep
 
@@ -36,6 +45,45 @@ FORMAT_SUFFIX: dict[str, str] = {"md": "md", "csv": "csv", "latex": "tex"}
 """Report formats and the suffix of their file."""
 CLAIMS_PLOT = "claims.png"
 """The figure to look at first: every claim's effect with its 95% CI beside the paper's."""
+def subset_text(data: DataConfig, split: Literal["train", "test"]) -> str:
+    limit = data.train_limit if split == "train" else data.test_limit
+    return "all" if limit is None else f"{limit}, a random subset (seed {data.subset_seed(split)})"
+
+
+def data_note(spec: dict[str, Any]) -> str:
+    """The images the results come from, per dataset and final phase, from the stored spec's data
+    settings (base < phases.<phase> < datasets.<name>, as the plan merges them): every p-value
+    and interval is about the spread over seeds on these images, not over other images."""
+    def section(mapping: Any, *keys: str) -> dict[str, Any]:
+        for key in keys:
+            mapping = mapping.get(key) if isinstance(mapping, dict) else None
+        return mapping if isinstance(mapping, dict) else {}
+
+    lines = []
+    for name in section(spec, "axes").get("dataset") or ["digits"]:
+        described: dict[str, list[str]] = {}
+        for phase in FINAL_PHASES:
+            settings = {**section(spec, "base", "data"), **section(spec, "phases", phase, "data"),
+                        **section(spec, "datasets", name), "name": name}
+            try:
+                data = DataConfig.model_validate(settings)
+            except ValidationError:  # a spec of another version
+                continue
+            held_out = (f" of those left after holding out {data.val_size} for validation (split seed "
+                        f"{data.split_seed})" if data.val_size else "")
+            text = (f"training images: {subset_text(data, 'train')}{held_out}; "
+                    f"test images: {subset_text(data, 'test')}")
+            described.setdefault(text, []).append(phase)
+        for text, phases in described.items():
+            lines.append(f"- `{name}`{'' if len(described) == 1 else ' (' + ', '.join(phases) + ')'}: {text}.")
+    if not spec or not lines:
+        return "Data: the sweep's stored spec gives no readable data settings, so its image subsets are unknown.\n"
+    return "\n".join([
+        "Data of the result runs:", "", *lines, "",
+        "Every p-value and confidence interval below is about these images only: it measures how results "
+        "vary over seeds (each seed's pretrained model, initialisation and batch order) on this training set "
+        "and this test set, not how they would vary over other draws of training or test images.", "",
+    ])
 
 
 def tuning_searches(sweep: SweepRuns) -> str:
@@ -114,21 +162,22 @@ def claim_results(results: pd.DataFrame, layout: ReportSpec) -> list[ClaimResult
     finished = finished.assign(trained=trained).sort_values("start_time").drop_duplicates("trained", keep="last")
     axes = sorted({axis for claim in layout.claims for axis in claim.axes()})
     columns = finished.reindex(columns=[axis if axis in TRIAL_COLUMNS else f"param.{axis}" for axis in axes], fill_value="")
-    frame = pd.DataFrame(columns.to_numpy(), columns=axes, index=finished.index).assign(value=finished.value)
-    return evaluate_claims(frame, layout.claims, load_paper_tables())
+    frame = pd.DataFrame(columns.to_numpy(), columns=axes, index=finished.index)
+    frame = frame.assign(seed=finished.seed, value=finished.value)
+    return evaluate_claims(frame, layout.claims, load_paper_tables(), layout.correction)
 
 
 def render(
     tables: list[Table], failed: pd.DataFrame, fmt: str, sweep_name: str,
-    claims: list[ClaimResult] = (), teachers: pd.DataFrame | None = None,
+    claims: list[ClaimResult] = (), teachers: pd.DataFrame | None = None, data: str = "",
 ) -> str:
-    """The tables in one format; Markdown also gives the claims' verdicts (first), the teachers
-    and the failed trials."""
+    """The tables in one format; Markdown also gives the data the results come from (`data`,
+    first), the claims' verdicts, the teachers and the failed trials."""
     if fmt == "csv":
         return cells_frame(tables).to_csv(index=False)
     if fmt == "latex":
         return "\n".join(render_latex(table) for table in tables)
-    sections = [f"# Sweep report: {sweep_name}", ""]
+    sections = [f"# Sweep report: {sweep_name}", "", data]
     if claims:
         layout = tables[0].layout if tables else ReportSpec()
         note = f"`{layout.metric}` at {SELECTION_NOTES[layout.select]}, report.select: {layout.select}"
@@ -165,16 +214,20 @@ def write_report(
     failed = failed_trials(sweep)
     out_dir = Path(out_dir or Path("reports") / sweep_name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = render(tables, failed, fmt, sweep_name, claims, teacher_runs(sweep))
+    text = render(tables, failed, fmt, sweep_name, claims, teacher_runs(sweep), data_note(sweep.spec))
     if search_text and fmt == "md":
         text += "\n" + search_text
+    if fmt == "md":
+        text += "\n" + cost.hours_markdown(sweep)
     table_path = out_dir / f"report.{FORMAT_SUFFIX[fmt]}"
     table_path.write_text(text)
     files = [table_path]
     if claims:
-        claims_path = out_dir / "claims.csv"
+        claims_path, seeds_path = out_dir / "claims.csv", out_dir / "claims_seeds.csv"
         claims_frame(claims).to_csv(claims_path, index=False)
-        files += [claims_path, plot_claims(claims, out_dir / CLAIMS_PLOT, f"{sweep_name}: claims, {layout.metric}")]
+        claims_seeds_frame(claims).to_csv(seeds_path, index=False)
+        files += [claims_path, seeds_path,
+                  plot_claims(claims, out_dir / CLAIMS_PLOT, f"{sweep_name}: claims, {layout.metric}")]
     if not failed.empty:
         failed_path = out_dir / "failed_trials.csv"
         failed.to_csv(failed_path, index=False)

@@ -1,7 +1,13 @@
 """The report's tables: one per grid and dataset, rows and columns named by the spec's `report:`
 section, each cell the mean ± sample standard deviation over seeds, its seed count, a t-test
 against a reference row (or column) and the paper's value; cells the spec plans but no finished
-run fills are marked missing. Rendered as Markdown, LaTeX (booktabs) and CSV."""
+run fills are marked missing. Rendered as Markdown, LaTeX (booktabs) and CSV.
+
+The test of a cell against its reference follows the design (`statistics.contrast_test`): two
+cells that share seeds share pretrained models and batch orders, so they are compared seed by
+seed (paired); cells sharing fewer than 2 seeds get Welch's test. A table's comparisons are one
+family: their p-values are adjusted together (`report.correction`), and the star reads the
+adjusted p."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -17,7 +24,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from bnew_core.config import BnewError, format_validation_error
-from sweeps.analysis.statistics import SIGNIFICANCE_LEVEL, welch_contrast
+from sweeps.analysis.statistics import SIGNIFICANCE_LEVEL, ContrastTest, adjust_p_values, contrast_test
 from sweeps.core.plan import grid_points
 from sweeps.core.schema import FINAL_PHASES
 from sweeps.core.spec import ABLATIONS, PAPER_TABLES_PATH, ReportSpec, parse_spec
@@ -62,8 +69,10 @@ class Table:
     row_labels: list[str]
     column_labels: list[str]
     cells: pd.DataFrame
-    """Indexed by (row, column): n, mean, std, p_value, significant, paper_mean, paper_std, status
-    (`ok`; `missing`: planned, no finished run; `n/a`: not planned, no run)."""
+    """Indexed by (row, column): n, mean, std, test (`paired`, `welch`, or '' without a p),
+    test_reason, p_value, p_adjusted (over the table's comparisons), significant (p_adjusted <
+    alpha), paper_mean, paper_std, status (`ok`; `missing`: planned, no finished run; `n/a`: not
+    planned, no run)."""
     runs: pd.DataFrame
     """Finished runs behind the cells: run_id, row, column, seed, value."""
     without_validation: int = 0
@@ -218,16 +227,16 @@ def build_table(
     reference = compare_to or layout.baseline
     if reference not in row_labels and reference not in column_labels:
         reference = None
-    samples = {key: group.value.to_numpy() for key, group in runs.groupby(["row", "column"])}
-    empty = np.array([])
+    samples = {key: dict(zip(map(str, group.seed), group.value)) for key, group in runs.groupby(["row", "column"])}
+    tests = reference_tests(samples, itertools.product(row_labels, column_labels), reference, row_labels)
+    adjusted = dict(zip(tests, adjust_p_values([test.p_value for test in tests.values()], layout.correction)))
     records = []
     for row, column in itertools.product(row_labels, column_labels):
-        sample = samples.get((row, column), empty)
-        reference_key = (reference, column) if reference in row_labels else (row, reference)
+        sample = np.array(list(samples.get((row, column), {}).values()), dtype=float)
         paper_value = paper_table.get("real_valued") if row == REAL_ROW else paper_rows.get(row, {}).get(column)
-        p_value = math.nan if reference is None or reference_key == (row, column) else welch_contrast(
-            (1, -1), (sample, samples.get(reference_key, empty))
-        ).p_value
+        test = tests.get((row, column))
+        tested = test is not None and not math.isnan(test.p_value)
+        p_adjusted = float(adjusted.get((row, column), math.nan))
         planned = (row, None if row == REAL_ROW else column) in expected
         records.append(
             {
@@ -236,8 +245,11 @@ def build_table(
                 "n": len(sample),
                 "mean": float(np.mean(sample)) if len(sample) else math.nan,
                 "std": float(np.std(sample, ddof=1)) if len(sample) > 1 else math.nan,
-                "p_value": p_value,
-                "significant": bool(p_value < SIGNIFICANCE_LEVEL),
+                "test": test.test if tested else "",
+                "test_reason": test.reason if tested else "",
+                "p_value": test.p_value if test else math.nan,
+                "p_adjusted": p_adjusted,
+                "significant": bool(p_adjusted < SIGNIFICANCE_LEVEL),
                 "paper_mean": paper_value[0] if paper_value else math.nan,
                 "paper_std": paper_value[1] if paper_value else math.nan,
                 "status": "ok" if len(sample) else ("missing" if planned else "n/a"),
@@ -245,6 +257,20 @@ def build_table(
         )
     cells = pd.DataFrame(records).set_index(["row", "column"])
     return Table(grid, dataset, layout, reference, row_labels, column_labels, cells, runs)
+
+
+def reference_tests(samples: dict[Cell, dict[str, float]], cells: Iterable[Cell], reference: str | None,
+                    row_labels: list[str]) -> dict[Cell, ContrastTest]:
+    """Each cell with values against its reference (same column for a reference row, same row
+    for a reference column), where the reference has values too: the table's family of tests."""
+    if reference is None:
+        return {}
+    tests = {}
+    for row, column in cells:
+        reference_key = (reference, column) if reference in row_labels else (row, reference)
+        if reference_key != (row, column) and (row, column) in samples and reference_key in samples:
+            tests[(row, column)] = contrast_test((1, -1), (samples[(row, column)], samples[reference_key]))
+    return tests
 
 
 def report_layout(sweep: SweepRuns, select: str | None = None) -> ReportSpec:
@@ -309,8 +335,9 @@ MARKDOWN = TextStyle(plus_minus="±", missing="— missing", significant="*")
 LATEX = TextStyle(plus_minus=r"$\pm$", missing="---", significant=r"$^{\ast}$", escape=latex_escape)
 
 
-def cell_text(cell: pd.Series, is_reference: bool, style: TextStyle) -> str:
-    """`55.12 ± 0.40 (n=5) p=0.012*`; `— missing` without runs; `n/a` where the paper has none."""
+def cell_text(cell: pd.Series, is_reference: bool, style: TextStyle, correction: str = "none") -> str:
+    """`55.12 ± 0.40 (n=5) p=0.012, adj. 0.036*` (`Welch p=` where the test is Welch's); `— missing`
+    without runs; `n/a` where the paper has none."""
     if cell.status != "ok":
         return style.missing if cell.status == "missing" else "n/a"
     spread = f" {style.plus_minus} {cell['std']:.2f}" if cell.n > 1 else ""
@@ -318,7 +345,9 @@ def cell_text(cell: pd.Series, is_reference: bool, style: TextStyle) -> str:
     if is_reference:
         return text + " (ref)"
     if not math.isnan(cell.p_value):
-        text += f" p={cell.p_value:.3g}" + (style.significant if cell.significant else "")
+        text += f" {'Welch p' if cell.test == 'welch' else 'p'}={cell.p_value:.3g}"
+        text += "" if correction == "none" else f", adj. {cell.p_adjusted:.3g}"
+        text += style.significant if cell.significant else ""
     return text
 
 
@@ -342,7 +371,7 @@ def wide_rows(table: Table, style: TextStyle) -> tuple[list[str], list[list[str]
         line = [style.escape(row)]
         for column in table.column_labels:
             cell = table.cells.loc[(row, column)]
-            line.append(cell_text(cell, table.reference in (row, column), style))
+            line.append(cell_text(cell, table.reference in (row, column), style, table.layout.correction))
             if with_paper:
                 line.append(paper_text(cell, style))
         body.append(line)
@@ -358,6 +387,23 @@ def selection_note(layout: ReportSpec, without_validation: int = 0) -> str:
     return note
 
 
+ADJUSTMENTS = {"holm": ("Holm", "bounds the chance of any false rejection"),
+               "bh": ("Benjamini-Hochberg", "bounds the expected share of false rejections")}
+"""report.correction: the method's name and what it controls, for the notes."""
+
+
+def correction_text(correction: str, family: int, noun: str, short: bool = False) -> str:
+    """How a family of p-values was adjusted, with its size (`noun`: claim, comparison): under
+    each table and the claims (`short`: in a verdict's reason)."""
+    members = f"{family} {noun}{'' if family == 1 else 's'}"
+    if correction == "none":
+        return "" if short else f"not adjusted for multiplicity (report.correction: none; {members} tested)"
+    name, controls = ADJUSTMENTS[correction]
+    if short:
+        return f"{name} over {members}"
+    return f"{name}-adjusted over the {members} tested ({controls}; report.correction: {correction})"
+
+
 def table_note(table: Table) -> str:
     """What the cells and p-values mean, and which epoch they report."""
     note = "Mean ± sample std over n seeds; missing: planned, no finished run; n/a: not planned."
@@ -365,7 +411,17 @@ def table_note(table: Table) -> str:
         note += " No reference row or column: no significance tests."
     else:
         where = "column" if table.reference in table.row_labels else "row"
-        note += f" p: Welch's t-test against `{table.reference}` in the same {where}; * p < {SIGNIFICANCE_LEVEL}."
+        tested = table.cells[table.cells.test != ""]
+        dropped = int(tested.test_reason.str.contains("left out").sum())
+        note += (f" p: two-sided t-test against `{table.reference}` in the same {where}, paired by seed (the "
+                 "per-seed difference) where the two cells share at least 2 seeds, else Welch's (`Welch p`; "
+                 f"{int((tested.test == 'welch').sum())} of {len(tested)} here)")
+        if dropped:
+            note += f"; {dropped} paired test(s) left out runs of seeds the other cell lacks"
+        adjusted = table.layout.correction != "none"
+        note += (f". {'adj. (this table is one family): ' if adjusted else ''}"
+                 f"{correction_text(table.layout.correction, len(tested), 'comparison')}; "
+                 f"* {'adjusted ' if adjusted else ''}p < {SIGNIFICANCE_LEVEL}.")
     return note + " " + selection_note(table.layout, table.without_validation)
 
 
@@ -395,15 +451,26 @@ def render_latex(table: Table) -> str:
 
 
 CSV_COLUMNS = [
-    "grid", "dataset", "row", "column", "n", "mean", "std", "p_value", "significant", "reference",
-    "paper_mean", "paper_std", "status",
+    "grid", "dataset", "row", "column", "n", "mean", "std", "p_value", "p_adjusted", "significant", "test",
+    "test_reason", "correction", "reference", "paper_mean", "paper_std", "status", "seed_values",
 ]
 
 
+def seed_values_text(seeds: Any, values: Any) -> str:
+    """`0:56.0 1:56.4 2:55.9`: a cell's value per seed, in seed order and full precision, so the
+    CSV can be re-analysed (paired by seed, or not)."""
+    pairs = sorted(zip(map(str, seeds), values), key=lambda pair: natural_key(pair[0]))
+    return " ".join(f"{seed}:{float(value)!r}" for seed, value in pairs)
+
+
 def cells_frame(tables: list[Table]) -> pd.DataFrame:
-    """Every cell of every table in long form (the CSV format)."""
-    frames = [
-        table.cells.reset_index().assign(grid=table.grid, dataset=table.dataset, reference=table.reference)
-        for table in tables
-    ]
+    """Every cell of every table in long form (the CSV format), with its per-seed values."""
+    frames = []
+    for table in tables:
+        seeds = {key: seed_values_text(group.seed, group.value) for key, group in table.runs.groupby(["row", "column"])}
+        cells = table.cells.reset_index()
+        frames.append(cells.assign(
+            grid=table.grid, dataset=table.dataset, reference=table.reference, correction=table.layout.correction,
+            seed_values=[seeds.get(key, "") for key in zip(cells.row, cells.column)],
+        ))
     return pd.concat(frames, ignore_index=True)[CSV_COLUMNS] if frames else pd.DataFrame(columns=CSV_COLUMNS)

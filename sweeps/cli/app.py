@@ -29,6 +29,9 @@ def main_options() -> None:
     # the console (and in --debug runs) that say nothing about the sweep. Ray workers started
     # from here (--local) inherit the setting.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Nor two "View run ... / View experiment ..." lines each time a run on a tracking server ends
+    # (the sweep prints its experiment's link once; MLflow also spends a request on each).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class ProgressCallback(Callback):

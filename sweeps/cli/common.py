@@ -16,7 +16,11 @@ if TYPE_CHECKING:
 SPEC_HELP = "Sweep spec YAML, or a preset name (see `bnew sweep list`)."
 MAX_EPOCHS_HELP = "Cap every stage's epochs (a dry run: capped stages get their own keys)."
 MAX_BATCHES_HELP = "Cap batches per epoch (a dry run, like --max-epochs)."
-YES_HELP = "Run a sweep of more than 1,000 trials."
+YES_HELP = "Plan or run a sweep of more than 1,000 trials."
+SET_HELP = ("Change a setting of the spec, as its YAML would: KEY=VALUE with a dotted key, repeatable "
+            "(--set resources.gpu=0 --set 'axes.seed=[0,1,2]' --set base.batch_size=256).")
+WAIT_HELP = ("When no node of the cluster can hold a trial's resources, wait for one to join (an autoscaling "
+             "cluster) instead of exiting with status 2.")
 VERBOSE_HELP = "Tune's own progress tables and the workers' output on this console (default: the compact view)."
 ADDRESS_HELP = "Ray cluster to run on (ray://HOST:10001 or HOST:6379). Default: RAY_ADDRESS, a running local Ray, or a new one."
 INTERRUPTED_EXIT = 130
@@ -40,21 +44,26 @@ def user_errors() -> Iterator[None]:
         fail(str(exc))
 
 
-def load_sweep_plan(spec_arg: str, max_epochs: Optional[int], max_batches: Optional[int],
-                    on_this_machine: bool = True, yes: bool = True, tracking: bool = True) -> tuple["SweepSpec", "Plan"]:
-    """Spec and plan, or exit 2 naming the bad key (before Ray or MLflow start); see `check_sweep`
-    for `on_this_machine` (False: the driver runs on a cluster), `yes` and `tracking`."""
-    from sweeps.core.plan import build_plan  # lazy: the CLI starts before it knows the command
+def load_sweep_plan(spec_arg: str, max_epochs: Optional[int], max_batches: Optional[int], settings: list[str] = (),
+                    on_this_machine: bool = True, yes: bool = True, tracking: bool = True,
+                    data: bool = True) -> tuple["SweepSpec", "Plan"]:
+    """Spec (with `--set` SETTINGS) and plan, or exit 2 naming the bad key, before Ray or MLflow
+    start: the size from the grid's points first, then the plan, then `check_sweep`'s checks
+    (`on_this_machine` False: the driver runs on a cluster; `tracking`, `data`: see there)."""
+    from sweeps.core.plan import build_plan, grid_points  # lazy: the CLI starts before it knows the command
     from sweeps.core.spec import load_spec  # lazy: as above
-    from sweeps.run.checks import check_sweep  # lazy: as above
+    from sweeps.run.checks import check_size, check_sweep  # lazy: as above
 
     for option, value in (("--max-epochs", max_epochs), ("--max-batches", max_batches)):
         if value is not None and value <= 0:
             fail(f"{option}: must be positive, got {value}")
+    overrides = parse_set_option(list(settings))
     with user_errors():
-        spec = load_spec(spec_arg)
-        plan = build_plan(spec, spec_arg, max_epochs, max_batches)
-        check_sweep(plan, on_this_machine, yes, tracking)
+        spec = load_spec(spec_arg, overrides)
+        points = grid_points(spec)
+        check_size(spec, points, yes)
+        plan = build_plan(spec, spec_arg, max_epochs, max_batches, points)
+        check_sweep(plan, on_this_machine, tracking, data)
         return spec, plan
 
 

@@ -8,7 +8,15 @@ from typing import Optional
 
 import typer
 
-from sweeps.cli.common import MAX_BATCHES_HELP, MAX_EPOCHS_HELP, SPEC_HELP, load_sweep_plan, user_errors
+from sweeps.cli.common import (
+    MAX_BATCHES_HELP,
+    MAX_EPOCHS_HELP,
+    SET_HELP,
+    SPEC_HELP,
+    WAIT_HELP,
+    load_sweep_plan,
+    user_errors,
+)
 
 ADDRESS_HELP = ("Ray Jobs API of the cluster (http://HEAD:8265). Default: RAY_API_SERVER_ADDRESS, "
                 "else RAY_ADDRESS.")
@@ -20,11 +28,13 @@ def submit(
     address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
     max_epochs: Optional[int] = typer.Option(None, help=MAX_EPOCHS_HELP),
     max_batches: Optional[int] = typer.Option(None, help=MAX_BATCHES_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP + " The job runs the spec they make."),
     resume: bool = typer.Option(False, "--resume", help="Run `bnew sweep resume` (continue Tune's checkpoints) instead of `run`."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow as the cluster's nodes reach it (http://mlflow:5000). Default: the tracking URI used here, which must then not be this machine's."),
     data_dir: Optional[str] = typer.Option(None, help="BNEW_DATA_DIR for the job: the cluster's folder that relative dataset roots are read from. Default: the nodes' BNEW_DATA_DIR."),
     follow: bool = typer.Option(False, "--follow", help="Stream the driver's log until the job ends."),
     yes: bool = typer.Option(False, "--yes", help="Submit a sweep of more than 1,000 trials."),
+    wait_for_resources: bool = typer.Option(False, "--wait-for-resources", help=WAIT_HELP),
 ) -> None:
     """Submit SPEC's driver to a Ray cluster as a Ray job; print the job id and how to follow it.
 
@@ -33,14 +43,14 @@ def submit(
     from sweeps.records.links import experiment_url  # lazy: start-up (as every import in a command)
     from sweeps.run import jobs
 
-    sweep_spec, _ = load_sweep_plan(spec, max_epochs, max_batches, on_this_machine=False, yes=yes)  # paths: the cluster's
+    sweep_spec, _ = load_sweep_plan(spec, max_epochs, max_batches, set_, on_this_machine=False, yes=yes)  # paths: the cluster's
     here_uri = sweep_spec.resolved_tracking_uri()
     with user_errors():
         job_uri = jobs.cluster_tracking_uri(here_uri, tracking_uri, jobs.api_address(address))
         client = jobs.job_client(address)
     jobs.check_versions(client, lambda line: typer.echo(line, err=True))
     job_id = jobs.submit_sweep(client, sweep_spec, job_uri, "resume" if resume else "run", max_epochs, max_batches,
-                               yes, data_dir)
+                               yes, data_dir, wait_for_resources)
     typer.echo(f"submitted job {job_id} (sweep {sweep_spec.name})")
     page = experiment_url(here_uri, sweep_spec.name)
     typer.echo(f"MLflow: {page}" if page else
@@ -55,7 +65,10 @@ def follow_logs(client: object, job_id: str) -> None:
     from sweeps.run import jobs
 
     jobs.stream_logs(client, job_id, lambda chunk: typer.echo(chunk, nl=False))
-    typer.echo(f"job {job_id}: {client.get_job_status(job_id).value}")
+    status = client.get_job_status(job_id)
+    typer.echo(f"job {job_id}: {status.value}")
+    if status.value != "SUCCEEDED":  # a script following a job learns how it ended
+        raise typer.Exit(code=1)
 
 
 def clock(epoch_ms: int | None) -> str:

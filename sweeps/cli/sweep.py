@@ -4,6 +4,7 @@ it. Each command imports the layers it uses when it runs: `plan` needs no Ray, `
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -15,16 +16,20 @@ from sweeps.cli.common import (
     INTERRUPTED_EXIT,
     MAX_BATCHES_HELP,
     MAX_EPOCHS_HELP,
+    SET_HELP,
     SPEC_HELP,
     VERBOSE_HELP,
+    WAIT_HELP,
     YES_HELP,
     fail,
     load_sweep_plan,
+    parse_set_option,
     user_errors,
 )
 
 if TYPE_CHECKING:
     from sweeps.core.plan import Plan
+    from sweeps.records.tracker import Tracker
     from sweeps.run.driver import SweepOutcome
 
 sweep_app = typer.Typer(
@@ -86,15 +91,42 @@ def print_plan(plan: "Plan", reused: set[str]) -> None:
 
 
 @sweep_app.command()
+def show(
+    preset: str = typer.Argument(..., help="A preset's name (see `bnew sweep list`), or a spec file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Print a preset's YAML, to start a spec from (with --set: the spec it makes, validated)."""
+    from sweeps.core.spec import PRESET_DIR, dump_spec, load_spec, preset_names
+
+    if not set_ and preset in preset_names():
+        typer.echo((PRESET_DIR / f"{preset}.yaml").read_text(), nl=False)
+        return
+    with user_errors():
+        typer.echo(dump_spec(load_spec(preset, parse_set_option(set_))), nl=False)
+
+
+@sweep_app.command()
 def plan(
     spec: str = typer.Argument(..., help=SPEC_HELP),
     max_epochs: Optional[int] = typer.Option(None, help=MAX_EPOCHS_HELP),
     max_batches: Optional[int] = typer.Option(None, help=MAX_BATCHES_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     lookup: bool = typer.Option(True, "--lookup/--no-lookup", help="Look up finished stages in MLflow (and check its URI)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Check dataset roots in this folder (BNEW_DATA_DIR) instead."),
+    yes: bool = typer.Option(False, "--yes", help=YES_HELP),
+    address: Optional[str] = typer.Option(None, help="Ray cluster (HOST:6379) whose trial slots the wall time is "
+                                          "estimated on. Default: RAY_ADDRESS, else this machine's CPUs."),
 ) -> None:
-    """Expand SPEC into stages (teachers, pretrained models, quantise and real runs); count what MLflow has."""
-    sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches, tracking=lookup)
+    """Expand SPEC into stages (teachers, pretrained models, quantise and real runs); count what MLflow has.
+
+    A dataset missing here is listed, not refused: the sweep may run where its data is. Hours per
+    phase come from finished stages of the same workload in MLflow, else from the bench's figures."""
+    if data_dir is not None:
+        os.environ["BNEW_DATA_DIR"] = str(data_dir)  # relative dataset roots are read from it
+    sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches, set_, yes=yes, tracking=lookup,
+                                             data=False)
     reused: set[str] = set()
+    tracker = None
     uri = sweep_spec.resolved_tracking_uri()
     if lookup:
         from mlflow.exceptions import MlflowException
@@ -104,10 +136,31 @@ def plan(
 
         if store_exists(uri):
             try:
-                reused = set(Tracker(uri).finished_stages(list(sweep_plan.stages)))
+                tracker = Tracker(uri)
+                reused = set(tracker.finished_stages(list(sweep_plan.stages)))
             except MlflowException as exc:
                 fail(f"tracking_uri: {uri} is not reachable ({str(exc).splitlines()[0][:160]})")
     print_plan(sweep_plan, reused)
+    print_cost(sweep_plan, reused, tracker, address)
+    from sweeps.core.plan import missing_data
+
+    for line in missing_data(sweep_plan):
+        typer.echo(f"{line}: not on this machine; checked where the sweep runs (`run` refuses it here)")
+
+
+def print_cost(plan: "Plan", reused: set[str], tracker: "Tracker | None", address: Optional[str]) -> None:
+    """Hours per phase and in all, and the wall time on the trial slots of the cluster at `address`
+    (or RAY_ADDRESS) or of this machine; `tracker` None: from the bench's figures only."""
+    from sweeps.analysis.cost import estimate, estimate_lines, hours
+    from sweeps.run.resources import trial_resources, visible_slots
+    from sweeps.ui.tables import show_table
+
+    slots, where = visible_slots(trial_resources(plan.spec), address)
+    cost = estimate(plan, set(plan.stages) - reused, slots, where, tracker)
+    show_table("estimated hours", ("stage", "to train", "epochs", "hours"),
+               [(name, str(phase.stages), str(phase.epochs), hours(phase.seconds)) for name, phase in cost.phases.items()])
+    for line in estimate_lines(cost):
+        typer.echo(line)
 
 
 def report_outcome(outcome: "SweepOutcome", plan: "Plan", spec_arg: str) -> None:
@@ -165,19 +218,22 @@ def run(
     debug: bool = typer.Option(False, "--debug", help="No Ray: stages one by one in this process (breakpoints work)."),
     max_epochs: Optional[int] = typer.Option(None, help=MAX_EPOCHS_HELP),
     max_batches: Optional[int] = typer.Option(None, help=MAX_BATCHES_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     yes: bool = typer.Option(False, "--yes", help=YES_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
+    wait_for_resources: bool = typer.Option(False, "--wait-for-resources", help=WAIT_HELP),
 ) -> None:
     """Train every stage of SPEC that MLflow has not finished yet, on Ray Tune, and record it."""
     if sum((address is not None, local, debug)) > 1:
         fail("--address, --local and --debug exclude each other")
-    sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches, yes=yes)
+    sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches, set_, yes=yes)
     if debug and sweep_spec.tuned_params():
         fail("search.algorithm: optuna searches with Ray Tune, which --debug leaves out; run it with --local "
              "(or debug one trial with `search.algorithm: grid`)")
     from sweeps.run.driver import run_sweep
 
-    execute_and_report(run_sweep, sweep_plan, spec, verbose, address=address, local=local, debug=debug)
+    execute_and_report(run_sweep, sweep_plan, spec, verbose, address=address, local=local, debug=debug,
+                       wait_for_resources=wait_for_resources)
 
 
 @sweep_app.command()
@@ -187,18 +243,21 @@ def resume(
     local: bool = typer.Option(False, "--local", help="Start a Ray instance on this machine."),
     max_epochs: Optional[int] = typer.Option(None, help="The --max-epochs the interrupted run used."),
     max_batches: Optional[int] = typer.Option(None, help="The --max-batches the interrupted run used."),
+    set_: list[str] = typer.Option([], "--set", help="The --set settings the interrupted run used (repeatable)."),
     yes: bool = typer.Option(False, "--yes", help=YES_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
+    wait_for_resources: bool = typer.Option(False, "--wait-for-resources", help=WAIT_HELP),
 ) -> None:
     """Continue an interrupted sweep: unfinished and failed trials resume from their checkpoints.
 
     Finished trials are not run again; stages that never started are trained."""
     if address is not None and local:
         fail("--address and --local exclude each other")
-    _, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches, yes=yes)
+    _, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches, set_, yes=yes)
     from sweeps.run.driver import resume_sweep
 
-    execute_and_report(resume_sweep, sweep_plan, spec, verbose, address=address, local=local)
+    execute_and_report(resume_sweep, sweep_plan, spec, verbose, address=address, local=local,
+                       wait_for_resources=wait_for_resources)
 
 
 @sweep_app.command()

@@ -23,23 +23,38 @@ PARAM_TAG_PREFIX = "bnew.param."
 MLFLOW_PARENT_TAG = "mlflow.parentRunId"
 REUSED_FROM_TAG = "bnew.reused_from"
 """On a trial run that did not train: the run id of the run that trained its stage."""
+RESUMED_FROM_TAG = "bnew.resumed_from_epoch"
+"""On a trial run continued from a checkpoint: the epoch it continued from."""
 STOPPED_EARLY_TAG = "bnew.stopped_early"
 """On a tuned trial's KILLED run: a Tune scheduler (ASHA, median) stopped it before its budget."""
 CELL_TAG = "bnew.cell"
 """On every trial of a tuned cell (its search trials and its repeats): the cell's label."""
 ERROR_TAG = "bnew.error"
 """Why a run failed or was stopped (one line)."""
+FINAL_FAILURE_TAG = "bnew.final_failure"
+"""On a FAILED run: no retry can fix it (a `BnewError`: bad input, divergence)."""
 LOG_TAIL_TAG = "bnew.log_tail"
 """The last lines of a failed trial's log."""
 INTERRUPTED_TAG = "bnew.interrupted"
 """On the parent run: the signal that stopped the sweep."""
 CAP_TAGS = {"max_epochs": "bnew.max_epochs", "max_batches": "bnew.max_batches"}
 """On the parent run: the debug caps the plan was built with (they change stage keys)."""
+ESTIMATE_TAG = "bnew.estimate"
+"""On the parent run: the hours the sweep was estimated to take when it first started (JSON of
+`sweeps.analysis.cost.Estimate`), which its report sets against the hours it took."""
+DEVICE_TAGS = {"device": "bnew.device", "gpu_ids": "bnew.gpu_ids", "device_fallback": "bnew.device_fallback"}
+"""On a trial run, from `bnew_core.device.DeviceChoice.record()`: the device it trained on, the GPU
+ids Ray gave it (CUDA_VISIBLE_DEVICES as the trial saw it) and, when `auto` found no GPU, why."""
 
 STATES = ("pending", "running", "done", "failed", "interrupted", "stopped")
 """A stage's state; `stopped`: a tuned trial a scheduler stopped early (not a failure)."""
 RUN_STATUS_TO_STATE = {"FINISHED": "done", "RUNNING": "running", "SCHEDULED": "running", "FAILED": "failed",
                        "KILLED": "interrupted"}
+
+
+def quote(value: str) -> str:
+    """A value in an MLflow search filter (`tags.`bnew.stage_key` = 'k'`)."""
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def axis_tag(axis: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 
 from bnew_core.callbacks import EPOCH_METRICS
 from bnew_core.config import (
@@ -28,7 +28,7 @@ from bnew_core.config import (
     load_yaml,
 )
 from sweeps.core.addresses import is_local, local_folder
-from sweeps.core.dotted import flatten
+from sweeps.core.dotted import deep_merge, flatten
 from sweeps.core.schema import AXES
 
 PRESET_DIR = Path(__file__).parent.parent / "presets"
@@ -103,14 +103,14 @@ class SearchSpace(StrictModel):
     """A Tune search space for a hyperparameter axis, sampled `samples` times at plan time
     (seeded, so a plan and its stage keys are reproducible). Exactly one distribution."""
 
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None
+    uniform: tuple[StrictFloat, StrictFloat] | None = None
+    loguniform: tuple[StrictFloat, StrictFloat] | None = None
+    randint: tuple[StrictInt, StrictInt] | None = None
     """Integers in [low, high)."""
     choice: list[Any] | None = Field(None, min_length=1)
-    samples: int = Field(gt=0)
+    samples: StrictInt = Field(gt=0)
     """How many values to draw."""
-    seed: int = 0
+    seed: StrictInt = 0
     """Seed of the draw."""
 
     @model_validator(mode="after")
@@ -154,8 +154,8 @@ class Axes(StrictModel):
     optimiser: list[Method] = Field(["ste", "bmd", "bop", "bnew"], min_length=1)
     ablation: list[Ablation] = Field(["baseline"], min_length=1)  # type: ignore[valid-type]
     """Table 2 rows; `baseline` is the unablated network."""
-    seed: list[int] = Field([0], min_length=1)
-    budget: list[int] = Field([200], min_length=1)
+    seed: list[StrictInt] = Field([0], min_length=1)
+    budget: list[StrictInt] = Field([200], min_length=1)
     """Epochs of the final stage (quantise, or the real-valued run)."""
     distillation: list[bool] = Field([False], min_length=1)
     params: dict[str, list[Any] | SearchSpace] = {}
@@ -199,8 +199,8 @@ class Selector(StrictModel):
     dataset: DatasetName | list[DatasetName] | None = None
     optimiser: Method | list[Method] | None = None
     ablation: Ablation | list[Ablation] | None = None  # type: ignore[valid-type]
-    seed: int | list[int] | None = None
-    budget: int | list[int] | None = None
+    seed: StrictInt | list[StrictInt] | None = None
+    budget: StrictInt | list[StrictInt] | None = None
     distillation: bool | list[bool] | None = None
     params: dict[str, Any] = {}
 
@@ -216,9 +216,6 @@ class Selector(StrictModel):
         given.update(self.params)
         return {axis: value if isinstance(value, list) else [value] for axis, value in given.items()}
 
-    def matches(self, point: dict[str, Any]) -> bool:
-        return all(point.get(axis) in allowed for axis, allowed in self.choices().items())
-
 
 class PhaseSettings(StrictModel):
     """Trainer settings per phase, over `base` (TrialConfig YAML, e.g. `{epochs: 200, lr: 0.1}`)."""
@@ -232,8 +229,8 @@ class PhaseSettings(StrictModel):
 class Resources(StrictModel):
     """What one trial reserves on the Ray cluster."""
 
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
+    cpu: StrictFloat = Field(1.0, gt=0)
+    gpu: StrictFloat = Field(0.0, ge=0)
     """Fractions share a GPU between trials (e.g. 0.25: four trials per GPU)."""
 
 
@@ -244,8 +241,8 @@ class CheckpointSettings(StrictModel):
     its experiment state after every second checkpoint of a trial (`num_to_keep=2`), so the
     defaults suit long trials: a failure redoes at most 10 epochs or 15 minutes."""
 
-    every_epochs: int = Field(10, gt=0)
-    every_minutes: float = Field(15.0, gt=0)
+    every_epochs: StrictInt = Field(10, gt=0)
+    every_minutes: StrictFloat = Field(15.0, gt=0)
 
     def trainer_fields(self) -> dict[str, Any]:
         """The TrialConfig fields that carry the setting to the trainer."""
@@ -263,7 +260,9 @@ class PaperEffect(StrictModel):
 
 
 class ClaimSpec(StrictModel):
-    """A claim tested as a contrast of grid cells with Welch's t-test, one sample per seed.
+    """A claim tested as a contrast of grid cells, one value per seed and cell: a paired t-test
+    on the per-seed contrast when the cells share seeds, else Welch's t-test
+    (`sweeps.analysis.statistics.contrast_test`).
 
     `contrast: {ablation: [binary_first_last, baseline]}` is treated minus control; with
     `versus: {optimiser: [bnew, ste]}` it is the difference of that contrast between the two
@@ -278,6 +277,10 @@ class ClaimSpec(StrictModel):
     """Axis values every compared cell has (e.g. {optimiser: bnew, budget: 3})."""
     paper_effect: float | PaperEffect
     """The paper's effect (points), a number or cells of tables.json; its sign is the claim's direction."""
+    smallest_effect: float | None = Field(None, gt=0)
+    """The smallest |effect| (points) worth detecting here; default the paper's |effect|. The report
+    gives the seeds per cell that detect it with 80% power, and calls a claim whose CI holds 0
+    undecided when its current seeds could not have detected it."""
 
     @model_validator(mode="after")
     def _axes_apart(self) -> "ClaimSpec":
@@ -307,6 +310,11 @@ class ReportSpec(StrictModel):
     accuracy (the authors' choice for STE and BMD; needs `data.val_size` > 0)."""
     claims: list[ClaimSpec] = []
     """Claims to give a verdict on (holds / not shown at this scale / contradicted)."""
+    correction: Literal["holm", "bh", "none"] = "holm"
+    """Multiplicity adjustment of the p-values, over the report's claims as one family and over
+    each table's comparisons against its reference as one family per table: `holm` bounds the
+    chance of any false verdict (family-wise), `bh` (Benjamini-Hochberg) the expected share of
+    false ones among those declared; verdicts and stars use the adjusted p."""
 
     @field_validator("paper_table")
     @classmethod
@@ -337,7 +345,7 @@ class SearchSettings(StrictModel):
     metric: str = "val_acc_binary"
     """The epoch metric the search optimises; a validation metric, never the test set's."""
     mode: Literal["max", "min"] = "max"
-    samples: int = Field(10, gt=0)
+    samples: StrictInt = Field(10, gt=0)
     """Suggestions per cell (optuna); each is one trial per seed."""
 
     @field_validator("metric")
@@ -355,11 +363,11 @@ class SchedulerSettings(StrictModel):
     `MedianStoppingRule` (`median`), on `search.metric` per epoch."""
 
     name: Literal["asha", "median"] = "asha"
-    grace_epochs: int | None = Field(None, gt=0)
+    grace_epochs: StrictInt | None = Field(None, gt=0)
     """Epochs every trial trains before it may be stopped. Default: up to the first frozen epoch
     for optimisers that end with a freeze (BNEW, BMD: their binary accuracy before it is near
     chance for the settings that end best), 1 for the others."""
-    reduction_factor: float = Field(3.0, gt=1)
+    reduction_factor: StrictFloat = Field(3.0, gt=1)
     """ASHA: the share of trials kept at each rung is 1/reduction_factor."""
 
 
@@ -384,9 +392,9 @@ class SweepSpec(StrictModel):
     optimisers: dict[Literal["ste", "bmd", "bop", "bnew"], dict[str, Any]] = {}
     """Optimiser settings per optimiser (e.g. `bnew: {lambda_rate: 0.01}`)."""
     resources: Resources = Resources()
-    max_concurrent: int | None = Field(None, gt=0)
+    max_concurrent: StrictInt | None = Field(None, gt=0)
     """Most trials at once; default as many as the resources fit."""
-    max_failures: int = Field(2, ge=0)
+    max_failures: StrictInt = Field(2, ge=0)
     """Retries of a failed trial, each from its last checkpoint."""
     checkpoint: CheckpointSettings = CheckpointSettings()
     storage_path: str | None = None
@@ -517,8 +525,9 @@ def parse_spec(data: dict[str, Any], source: str) -> SweepSpec:
         raise BnewError(format_validation_error(exc, source)) from None
 
 
-def load_spec(name_or_path: str) -> SweepSpec:
-    """A spec from a YAML file, or a shipped preset by name (`demo`, `paper-table2`, ...)."""
+def load_spec(name_or_path: str, settings: dict[str, Any] | None = None) -> SweepSpec:
+    """A spec from a YAML file, or a shipped preset by name (`demo`, `paper-table2`, ...), with
+    `settings` (dotted `--set` keys) over it, validated as one spec."""
     path = Path(name_or_path)
     if not path.is_file():
         if name_or_path not in preset_names():
@@ -526,7 +535,25 @@ def load_spec(name_or_path: str) -> SweepSpec:
                 f"{name_or_path}: no such spec file or preset (presets: {', '.join(preset_names())})"
             )
         path = PRESET_DIR / f"{name_or_path}.yaml"
-    return parse_spec(load_yaml(path), str(path))
+    data = load_yaml(path)
+    if not settings:
+        return parse_spec(data, str(path))
+    return parse_spec(with_settings(data, settings), f"{path} with --set {', '.join(settings)}")
+
+
+def with_settings(data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """`--set` pairs over a spec mapping, each dotted key down its sections (`base.batch_size`);
+    under `axes.params` the rest of the key is one param (`axes.params.optimiser.lambda_rate`).
+    A list or a scalar replaces what the spec had; a mapping merges into it."""
+    for key, value in settings.items():
+        path = key.split(".")
+        if path[:2] == ["axes", "params"] and len(path) > 3:
+            path = [*path[:2], ".".join(path[2:])]
+        layer: Any = value
+        for part in reversed(path):
+            layer = {part: layer}
+        data = deep_merge(data, layer)
+    return data
 
 
 def dump_spec(spec: SweepSpec) -> str:

@@ -54,7 +54,10 @@ def driver_source_tags(command: str) -> dict[str, str]:
         "mlflow.user": getpass.getuser(),
     }
     code_dir = Path(__file__).resolve().parents[2]
-    found = subprocess.run(["git", "-C", str(code_dir), "rev-parse", "HEAD"], capture_output=True, text=True)
+    try:
+        found = subprocess.run(["git", "-C", str(code_dir), "rev-parse", "HEAD"], capture_output=True, text=True)
+    except FileNotFoundError:  # no git on this node (an image without it): the commit is then unknown
+        return tags
     if found.returncode == 0:
         tags["mlflow.source.git.commit"] = found.stdout.strip()
     return tags

@@ -34,8 +34,9 @@ class SweepRuns:
     spec: dict[str, Any]
     """The spec stored on the parent run; {} when it has none."""
     trials: pd.DataFrame
-    """One row per trial run, any status: run_id, run_name, status, start_time, metrics
-    (latest value per key), error and every other `bnew.*` tag (at least TRIAL_COLUMNS)."""
+    """One row per trial run, any status: run_id, run_name, status, start_time and end_time (ms;
+    end 0 while it runs), metrics (latest value per key), error and every other `bnew.*` tag (at
+    least TRIAL_COLUMNS)."""
 
     def history(self, run_id: str, metric: str) -> list[tuple[int, float]]:
         """(epoch, value) of one metric of one run."""
@@ -68,16 +69,17 @@ def trial_frame(runs: list[Run]) -> pd.DataFrame:
             "run_name": run.info.run_name,
             "status": run.info.status,
             "start_time": run.info.start_time or 0,
+            "end_time": run.info.end_time or 0,
             "metrics": dict(run.data.metrics),
             **{tag.removeprefix(TAG_PREFIX): value for tag, value in run.data.tags.items() if tag.startswith(TAG_PREFIX)},
         }
         for run in runs
         if run.data.tags.get(ROLE_TAG) == "trial"
     ]
-    columns = dict.fromkeys(["run_id", "run_name", "status", "start_time", "metrics",
+    columns = dict.fromkeys(["run_id", "run_name", "status", "start_time", "end_time", "metrics",
                              ERROR_TAG.removeprefix(TAG_PREFIX), *TRIAL_COLUMNS])
     columns.update(dict.fromkeys(key for record in records for key in record))
     trials = pd.DataFrame(records, columns=list(columns))
-    tag_columns = [column for column in columns if column not in ("start_time", "metrics")]
+    tag_columns = [column for column in columns if column not in ("start_time", "end_time", "metrics")]
     trials[tag_columns] = trials[tag_columns].astype(object).fillna("")
     return trials

@@ -23,6 +23,7 @@ from sweeps.core.dotted import flatten
 from sweeps.core.plan import Role, Stage
 from sweeps.core.schema import (
     ERROR_TAG,
+    FINAL_FAILURE_TAG,
     INTERRUPTED_TAG,
     MLFLOW_PARENT_TAG,
     REUSED_FROM_TAG,
@@ -30,15 +31,12 @@ from sweeps.core.schema import (
     STAGE_KEY_TAG,
     STOPPED_EARLY_TAG,
     SWEEP_TAG,
+    quote,
 )
 from sweeps.records.lineage import record_reused
 
 SPEC_ARTIFACT = "spec.yaml"
 """The spec of the sweep, on its parent run (what `status` plans again and `report` lays out)."""
-
-
-def quote(value: str) -> str:
-    return "'" + value.replace("'", "\\'") + "'"
 
 
 class Tracker:
@@ -179,8 +177,9 @@ class Tracker:
         for run in self.own_runs(experiment_id, stage, role):
             if run.info.status != "FINISHED":
                 self.client.update_run(run.info.run_id, status="RUNNING")
-                if ERROR_TAG in run.data.tags:
-                    self.client.delete_tag(run.info.run_id, ERROR_TAG)
+                for tag in (ERROR_TAG, FINAL_FAILURE_TAG):
+                    if tag in run.data.tags:
+                        self.client.delete_tag(run.info.run_id, tag)
                 return run.info.run_id
         run_id = self.client.create_run(
             experiment_id, run_name=role.name, tags=self.trial_tags(parent_run_id, sweep, stage, role)
@@ -224,9 +223,12 @@ class Tracker:
         self.client.log_artifact(run_id, str(output_dir / "checkpoint.pt"), "checkpoint")
         self.client.set_terminated(run_id, "FINISHED")
 
-    def fail_trial(self, run_id: str, message: str, killed: bool = False) -> None:
-        """FAILED with the reason in `bnew.error`; KILLED if it was stopped from outside."""
+    def fail_trial(self, run_id: str, message: str, killed: bool = False, final: bool = False) -> None:
+        """FAILED with the reason in `bnew.error`; KILLED if it was stopped from outside; `final`:
+        no retry can fix it (`bnew.final_failure`, which sweeps waiting for its stage read)."""
         self.client.set_tag(run_id, ERROR_TAG, message.splitlines()[0][:4000] if message else "failed")
+        if final:
+            self.client.set_tag(run_id, FINAL_FAILURE_TAG, "1")
         self.client.set_terminated(run_id, "KILLED" if killed else "FAILED")
 
     def kill_running_trials(self, experiment_id: str, runs_by_key: dict[str, list[Run]], reason: str) -> None:

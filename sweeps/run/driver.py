@@ -23,7 +23,9 @@ from pyarrow.fs import FileType
 from ray import tune
 from ray.train._internal import checkpoint_manager
 
+from sweeps.analysis.cost import estimate, estimate_lines, record_estimate
 from sweeps.analysis.searches import CellSearch
+from sweeps.core.addresses import check_tracking_reaches
 from sweeps.core.plan import Plan, Stage
 from sweeps.core.schema import CAP_TAGS
 from sweeps.core.search import searched_templates, tuned_cells
@@ -33,8 +35,9 @@ from sweeps.records.tracker import Tracker
 from sweeps.run.checks import check_before_run
 from sweeps.run.events import SINKS, EventSink
 from sweeps.run.interrupt import Interruption
+from sweeps.run.resources import check_trials_fit, packed_slots, trial_resources
 from sweeps.run.stage_graph import StageScheduler, trial_dirname, trial_name
-from sweeps.run.storage import check_storage_reaches_every_node, experiment_uris
+from sweeps.run.storage import check_storage_reaches_every_node, experiment_uris, node_machines
 from sweeps.run.trial import SweepContext, execute_stage
 from sweeps.run.tune_config import REUSE_ACTORS, trainable, tune_run_config, tune_storage
 from sweeps.run.tuning import run_cells
@@ -74,6 +77,10 @@ def start_ray(address: str | None, local: bool, log: Log, verbose: bool = False)
         os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
         # Tune's closing "ERROR ... Trials did not complete" repeats the console's FAILED lines.
         logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
+    # fit()'s result grid reads each trial's result.json; a trial that never started (a resume
+    # stopped first) or that linked a stage another sweep trained has none, and Tune warns about
+    # it. The sweep reads its results from MLflow, never from that grid.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     if local:
         # A Ray only this driver uses, on loopback: its token-auth advice is not the user's business.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -81,6 +88,29 @@ def start_ray(address: str | None, local: bool, log: Log, verbose: bool = False)
     else:  # None: RAY_ADDRESS, a running cluster, or a new one
         ray.init(address=address, logging_level="WARNING", log_to_driver=verbose)
     log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+
+
+def check_cluster(spec: SweepSpec, wait_for_resources: bool, log: Log) -> None:
+    """Before any trial starts, on the connected cluster: one node holds a trial's resources (else
+    a `BnewError` naming the field; with `wait_for_resources`, one line while Tune waits for such a
+    node), and Tune's storage and the tracking store reach every node."""
+    waiting = check_trials_fit(trial_resources(spec), autoscaling=wait_for_resources)
+    if waiting:
+        # Tune's own warning would repeat every minute that no trial can start; the line says why.
+        logging.getLogger("ray.tune.execution.insufficient_resources_manager").setLevel(logging.ERROR)
+        log(waiting)
+    machines = node_machines()
+    check_storage_reaches_every_node(tune_storage(spec), machines)
+    for machine in machines:  # the nodes' own addresses: a head node's driver sees RAY_ADDRESS as its own IP
+        check_tracking_reaches(spec.resolved_tracking_uri(), machine)
+
+
+def note_estimate(plan: Plan, pending: list[Stage], tracker: Tracker, context: SweepContext, log: Log,
+                  slots: int, slots_from: str) -> None:
+    """Say what the pending stages should take, and keep the first estimate for the report."""
+    cost = estimate(plan, {stage.key for stage in pending}, slots, slots_from, tracker)
+    record_estimate(tracker, context.parent_run_id, cost)
+    log(estimate_lines(cost)[0])
 
 
 def skip_deleted_checkpoints() -> None:
@@ -111,7 +141,10 @@ def sweep_tuner(spec: SweepSpec, stages: list[Stage], done: set[str], context: S
         tune_config=tune.TuneConfig(
             search_alg=StageScheduler(stages, done, context),
             num_samples=len(stages),
-            max_concurrent_trials=spec.max_concurrent,
+            # Without a limit Tune lets a searcher of its own have one trial pending at a time, so
+            # trials started one by one, each after the last one's actor had started (6-13 s): eight
+            # quarter-GPU trials never all ran at once. Resources alone limit them now.
+            max_concurrent_trials=spec.max_concurrent or len(stages),
             reuse_actors=REUSE_ACTORS,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,
@@ -159,11 +192,13 @@ def run_sweep(
     restore: str | None = None,
     verbose: bool = False,
     show: ShowEvents | None = None,
+    wait_for_resources: bool = False,
 ) -> SweepOutcome:
     """Train every stage of `plan` that MLflow does not have finished yet; with `restore`, first
     continue that Tune experiment (its unfinished and errored trials, from their checkpoints).
-    `show` opens the view of the trials (the console) once Ray runs."""
-    check_before_run(plan, "local" if debug or local else address)
+    `show` opens the view of the trials (the console) once Ray runs; `wait_for_resources`: when
+    no node of the cluster holds a trial, wait for one to join instead of failing."""
+    check_before_run(plan, "local" if debug or local else address, in_process=debug)
     tracker, context, outcome = open_sweep(spec, plan, log)
     cells = tuned_cells(plan)  # searched after the stage graph's Tuner (sweeps.run.tuning says why)
     templates = searched_templates(plan)
@@ -174,10 +209,14 @@ def run_sweep(
     view = None
     try:
         if pending and debug:
+            note_estimate(plan, pending, tracker, context, log, 1, "--debug: one stage at a time, in this process")
             run_in_process(pending, context, Path(tune_storage(spec)) / "debug", log)
         elif pending or cells:
             start_ray(address, local, log, verbose)
-            check_storage_reaches_every_node(tune_storage(spec))
+            check_cluster(spec, wait_for_resources, log)
+            nodes = [node for node in ray.nodes() if node["Alive"]]
+            note_estimate(plan, pending, tracker, context, log, packed_slots(nodes, trial_resources(spec)),
+                          f"the Ray cluster: {len(nodes)} node{'s' if len(nodes) > 1 else ''}")
             if restore is not None:  # said before the console takes stdout
                 log(f"resuming Tune experiment {restore}")
             view = show(pending, outcome.reused) if show else None
@@ -210,17 +249,20 @@ def finish(tracker: Tracker, context: SweepContext, outcome: SweepOutcome, pendi
               else "its process ended without recording the end of the run")
     tracker.kill_running_trials(context.experiment_id, runs_by_key, f"{reason}; `bnew sweep resume` continues it")
     outcome.trained = set(tracker.finished_stages(list(runs_by_key), runs_by_key))
-    unfinished = {key: runs for key, runs in runs_by_key.items() if runs and key not in outcome.trained}
+    # This sweep's own runs say how it left a stage (another sweep's may still run it).
+    own = {key: [run for run in runs if run.info.experiment_id == context.experiment_id]
+           for key, runs in runs_by_key.items() if key not in outcome.trained}
+    unfinished = {key: runs for key, runs in own.items() if runs}
     # What kill_running_trials just marked KILLED, or a stop marked before: stopped from outside.
     outcome.interrupted_stages = {key for key, runs in unfinished.items()
                                   if runs[0].info.status in ("RUNNING", "SCHEDULED", "KILLED")}
     outcome.failed = set(unfinished) - outcome.interrupted_stages
-    outcome.not_run = {key for key, runs in runs_by_key.items() if not runs}
+    outcome.not_run = {key for key, runs in own.items() if not runs}
     tracker.finish_sweep_run(context.parent_run_id, len(unfinished) + len(outcome.not_run), outcome.interrupted)
 
 
 def resume_sweep(spec: SweepSpec, plan: Plan, log: Log, address: str | None = None, local: bool = False,
-                 verbose: bool = False, show: ShowEvents | None = None) -> SweepOutcome:
+                 verbose: bool = False, show: ShowEvents | None = None, wait_for_resources: bool = False) -> SweepOutcome:
     """Continue the latest Tune experiment of the sweep (unfinished and errored trials resume from
     their checkpoints), then run whatever stages are still missing."""
     storage = tune_storage(spec)
@@ -228,4 +270,4 @@ def resume_sweep(spec: SweepSpec, plan: Plan, log: Log, address: str | None = No
     if not restorable:
         log(f"no Tune experiment of {spec.name!r} under {storage} to restore; running the missing stages")
     return run_sweep(spec, plan, log, address=address, local=local, restore=restorable[-1] if restorable else None,
-                     verbose=verbose, show=show)
+                     verbose=verbose, show=show, wait_for_resources=wait_for_resources)

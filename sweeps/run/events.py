@@ -29,6 +29,11 @@ class EventSink(Protocol):
 
 SINKS: list[EventSink] = []
 """The sinks of the sweep this driver runs now."""
+STAGE_FAILED, STAGE_ERROR = "bnew_failed", "bnew_error"
+"""Keys of the last Tune result of a trial that failed for a reason a retry cannot fix (a
+`BnewError`: bad input, divergence), and its reason: the trial ends without Tune retrying it."""
+WAITING_KEY = "bnew_waiting"
+"""A trial's Tune result that says which sweep it waits for (`sweeps.records.leases`)."""
 
 
 def say(text: str, log: Callable[[str], None]) -> None:
@@ -70,13 +75,19 @@ class TuneEvents(Callback):
             sink.started(trial_stage_of(trial), 0 if done is None else int(done) + 1)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if "epoch" in result:
-            for sink in SINKS:
+        for sink in SINKS:
+            if "epoch" in result:
                 sink.result(stage_key(trial), result)
+            elif WAITING_KEY in result:
+                sink.line(f"wait   {trial_stage_of(trial).name}: {result[WAITING_KEY]}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
         for sink in SINKS:
-            sink.finished(stage_key(trial))
+            if result.get(STAGE_FAILED):  # ended without a retry, not done
+                sink.failed(stage_key(trial), str(result.get(STAGE_ERROR, "no error recorded"))[:300])
+            else:
+                sink.finished(stage_key(trial))
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         for sink in SINKS:

@@ -122,7 +122,8 @@ def check_versions(client: JobSubmissionClient, warn: Log) -> None:
         warn(mismatch)
 
 
-def entrypoint(command: str, sweep: str, max_epochs: int | None, max_batches: int | None, yes: bool = False) -> str:
+def entrypoint(command: str, sweep: str, max_epochs: int | None, max_batches: int | None, yes: bool = False,
+               wait_for_resources: bool = False) -> str:
     """The driver's shell command on the cluster: the spec from `SPEC_ENV` into a file, then
     `bnew sweep run` (or `resume`) on it, exec'd so that `stop`'s SIGTERM reaches the driver."""
     parts = ["bnew", "sweep", command, f'"$spec_dir"/{shlex.quote(sweep)}.yaml']
@@ -131,6 +132,8 @@ def entrypoint(command: str, sweep: str, max_epochs: int | None, max_batches: in
             parts += [option, str(value)]
     if yes:  # confirmed here, where the size limit was checked
         parts.append("--yes")
+    if wait_for_resources:  # the driver checks the cluster's nodes there, once Ray connects
+        parts.append("--wait-for-resources")
     return (f'spec_dir=$(mktemp -d) && printenv {SPEC_ENV} >"$spec_dir"/{shlex.quote(sweep)}.yaml && '
             f'exec {" ".join(parts)}')
 
@@ -140,16 +143,17 @@ def cluster_tracking_uri(here: str, given: str | None, address: str) -> str:
     store on this machine (the job's driver logs from the cluster), and never this machine's
     loopback when the cluster is another (the rule `run` applies to its trials)."""
     uri = given or here
-    field = "--tracking-uri" if given else "tracking_uri"
     if is_local(uri):
-        raise BnewError(f"{field}: {uri} is a store on this machine; a submitted sweep logs from the cluster, "
-                        "so set MLFLOW_TRACKING_URI (or the spec's tracking_uri) to its MLflow server")
-    check_tracking_reaches(uri, address, field)
+        raise BnewError(f"{'--tracking-uri' if given else 'tracking_uri'}: {uri} is a store on this machine; a "
+                        "submitted sweep logs from the cluster, so set MLFLOW_TRACKING_URI (or the spec's "
+                        "tracking_uri) to its MLflow server")
+    check_tracking_reaches(uri, address, "--tracking-uri")  # the option is how to name another address
     return uri
 
 
 def submit_sweep(client: JobSubmissionClient, spec: SweepSpec, job_uri: str, command: str,
-                 max_epochs: int | None, max_batches: int | None, yes: bool, data_dir: str | None) -> str:
+                 max_epochs: int | None, max_batches: int | None, yes: bool, data_dir: str | None,
+                 wait_for_resources: bool) -> str:
     """Submit the sweep's driver as a Ray job; returns its id. The spec travels in the job's
     environment, with the tracking URI as the nodes reach it."""
     job_spec = spec.model_copy(update={"tracking_uri": job_uri}) if spec.tracking_uri else spec
@@ -159,7 +163,7 @@ def submit_sweep(client: JobSubmissionClient, spec: SweepSpec, job_uri: str, com
         env_vars["BNEW_DATA_DIR"] = data_dir
     job_id = f"{JOB_ID_PREFIX}{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     client.submit_job(
-        entrypoint=entrypoint(command, spec.name, max_epochs, max_batches, yes),
+        entrypoint=entrypoint(command, spec.name, max_epochs, max_batches, yes, wait_for_resources),
         submission_id=job_id,
         runtime_env={"env_vars": env_vars},
         metadata={KIND_KEY: "sweep", SWEEP_KEY: spec.name, "bnew.tracking_uri": job_uri,

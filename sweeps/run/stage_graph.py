@@ -11,26 +11,9 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from sweeps.core.plan import Stage
-from sweeps.run.trial import STAGE_FAILED, SweepContext
-
-def critical_path_order(stages: list[Stage]) -> list[str]:
-    """Stage keys, the longest chain of epochs from the stage to the end of the sweep first (then
-    the deepest): list scheduling on the critical path. A teacher that distilled trials wait for
-    starts before independent trials, which fill the free slots later; deepest-first alone left
-    the teachers of cifar10-cpu-study to the end, with their dependants after them."""
-    dependants: dict[str, list[Stage]] = {stage.key: [] for stage in stages}
-    for stage in stages:
-        for key in stage.inputs.values():
-            if key in dependants:
-                dependants[key].append(stage)
-    chain: dict[str, int] = {}
-
-    def chain_epochs(stage: Stage) -> int:
-        if stage.key not in chain:
-            chain[stage.key] = stage.epochs + max(map(chain_epochs, dependants[stage.key]), default=0)
-        return chain[stage.key]
-
-    return [stage.key for stage in sorted(stages, key=lambda s: (-chain_epochs(s), -s.depth))]
+from sweeps.core.schedule import critical_path_order
+from sweeps.run.events import STAGE_FAILED
+from sweeps.run.trial import SweepContext
 
 
 class StageScheduler(Searcher):

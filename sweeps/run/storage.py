@@ -33,14 +33,18 @@ def experiment_uris(storage: str) -> list[str]:
     return [f"{storage.rstrip('/')}/{name}" for name in names]
 
 
-def check_storage_reaches_every_node(storage: str) -> None:
-    """Refuse a local storage folder when the connected Ray cluster spans several machines:
+def node_machines() -> list[str]:
+    """The addresses of the machines the connected Ray cluster's live nodes run on."""
+    return sorted({node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]})
+
+
+def check_storage_reaches_every_node(storage: str, machines: list[str]) -> None:
+    """Refuse a local storage folder when the connected Ray cluster spans several `machines`:
     each trial would write its checkpoints to its own machine's disk, where neither a retry on
     another node nor `bnew sweep resume` finds them. Nodes on one machine (a loopback cluster)
     share its disk; a folder every machine mounts is declared with `BNEW_STORAGE_SHARED=1`."""
     if not is_local(storage) or os.environ.get(SHARED_ENV) == "1":
         return
-    machines = sorted({node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]})
     if len(machines) > 1:
         raise BnewError(
             f"storage_path: {storage} is a local folder, but the Ray cluster has nodes on {len(machines)} machines "

@@ -12,12 +12,15 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
+from mlflow.entities import RunTag
+from mlflow.exceptions import MlflowException
 from pyarrow.fs import FileSelector
 from ray import tune
 
@@ -26,24 +29,28 @@ from bnew_core.checkpoint import CorruptCheckpointError, checksum_path, verify_c
 from bnew_core.config import BnewError
 from bnew_core.train import train
 from sweeps.core.plan import Stage
+from sweeps.core.schema import DEVICE_TAGS, RESUMED_FROM_TAG
 from sweeps.records import lineage, trial_log
+from sweeps.records.leases import Holder, Lease
 from sweeps.records.tracker import Tracker
+from sweeps.run.events import STAGE_ERROR, STAGE_FAILED, WAITING_KEY
 
 FAULT_ENV = "BNEW_SWEEP_FAULT"
-"""Test hook: `PATTERN@EPOCH[:exit]` makes the first attempt of every trial whose run name
-matches the glob PATTERN raise (or, with `:exit`, kill its process) after reporting EPOCH;
+"""Test hook: `PATTERN@EPOCH[:exit|:final]` makes the first attempt of every trial whose run name
+matches the glob PATTERN raise (with `:exit`, kill its process; with `:final`, raise a `BnewError`,
+which no retry can fix) after reporting EPOCH;
 `PATTERN@recorded` kills its process once its run is recorded, before Tune hears that it ended
 (as when the driver stops just then)."""
 NODE_TAG = "bnew.node"
 """On a trial run: the machine and Ray node it trained on."""
-RESUMED_FROM_TAG = "bnew.resumed_from_epoch"
-"""On a trial run continued from a checkpoint: the epoch it continued from."""
+WAITING_FOR_TAG = "bnew.waiting_for_run"
+"""On a trial run that waited for another sweep to train its stage: that sweep's run."""
+FAULT_GATE_ENV = "BNEW_SWEEP_FAULT_GATE"
+"""Test hook: with `FAULT_ENV`, the fault waits at its epoch until this file exists."""
+CONTINUED_FROM_TAG = "bnew.continued_from_run"
+"""On a trial run that took its stage over from a run whose driver or node died: that run."""
 CHECKPOINT_CORRUPT_TAG = "bnew.checkpoint_corrupt"
 """On a trial run: the damaged checkpoints a restore skipped, with why."""
-STAGE_FAILED = "bnew_failed"
-"""Key of the last Tune result of a trial that failed for a reason a retry cannot fix (a
-`BnewError`: bad input, divergence): the trial ends without Tune retrying it."""
-
 
 @dataclass(frozen=True)
 class SweepContext:
@@ -74,6 +81,8 @@ class MlflowEpochLogger(Callback):
     def on_train_start(self, config: Any, start_epoch: int, batches_per_epoch: int) -> None:
         if start_epoch > 0:
             self.tracker.client.set_tag(self.run_id, RESUMED_FROM_TAG, str(start_epoch))
+        self.tracker.client.log_batch(self.run_id, tags=[
+            RunTag(DEVICE_TAGS[key], value) for key, value in config.device_choice.record().items()])
         self.logged_epochs = self.tracker.logged_epochs(self.run_id)
         history = (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
         self.pending = [row for row in map(json.loads, history) if int(row["epoch"]) not in self.logged_epochs]
@@ -120,8 +129,13 @@ class TuneReporter(Callback):
                 shutil.copy2(checksum_path(checkpoint), Path(directory) / checksum_path(checkpoint).name)
                 tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(directory))
         if epoch == self.fault_epoch:
+            gate = Path(os.environ.get(FAULT_GATE_ENV, "/"))
+            while not gate.exists():  # the test says when
+                time.sleep(0.5)
             if self.fault_how == "exit":
                 os._exit(1)
+            if self.fault_how == "final":
+                raise BnewError(f"{FAULT_ENV}: injected failure for good after epoch {epoch}")
             raise RuntimeError(f"{FAULT_ENV}: injected failure after epoch {epoch}")
 
 
@@ -145,15 +159,31 @@ def execute_stage(
     resume_from: Path | None = None,
     callbacks: Sequence[Callback] = (),
     tags: dict[str, str] | None = None,
+    on_wait: Callable[[str], None] = print,
 ) -> None:
-    """Train one stage and record it: fetch input models from MLflow, train, log the run (with `tags`)
-    and `work_dir/trial.log` (where the caller captures the stage's output)."""
+    """Train one stage and record it: hold its lease (waiting while another sweep trains it, and
+    then only linking that run), fetch input models from MLflow, train, log the run (with `tags`)
+    and `work_dir/trial.log` (where the caller captures the stage's output). `on_wait` hears
+    which sweep this trial waits for."""
     tracker = Tracker(context.tracking_uri)
     role = stage.roles[0]
     run_id = tracker.open_trial_run(context.experiment_id, context.parent_run_id, context.sweep, stage, role)
     tracker.client.set_tag(run_id, NODE_TAG, node_name())
     log_path = work_dir / trial_log.LOG_NAME
+    lease = Lease(tracker, stage.key, context.sweep, run_id)
     try:
+        def waiting(holder: Holder) -> None:
+            tracker.client.set_tag(run_id, WAITING_FOR_TAG, holder.run_id)
+            on_wait(f"waits for sweep {holder.sweep}, which trains {stage.name}'s stage {stage.key} (run {holder.run_id})")
+
+        held = lease.hold(waiting)
+        if held.finished is not None:  # trained by another sweep meanwhile: this run makes way for the links
+            tracker.client.delete_run(run_id)
+            tracker.link_missing_roles(context.experiment_id, context.parent_run_id, context.sweep, stage)
+            return
+        if held.previous is not None and resume_from is None:
+            resume_from = continued_checkpoint(tracker, held.previous, work_dir / "continued")
+            tracker.client.set_tag(run_id, CONTINUED_FROM_TAG, held.previous)
         for tag, value in (tags or {}).items():
             tracker.client.set_tag(run_id, tag, value)
         input_paths = {
@@ -164,7 +194,7 @@ def execute_stage(
         lineage.record_trial(tracker.client, run_id, stage, role, context.source_tags, input_runs)
         config = stage.trial_config(work_dir / "output", input_paths)
         logger = MlflowEpochLogger(tracker, run_id)
-        result = train(config, [logger, *callbacks], resume_from=resume_from)
+        result = train(config, [logger, CheckpointUploader(tracker, run_id), *callbacks], resume_from=resume_from)
         logger.close()
         lineage.log_final_model(tracker.client, context.experiment_id, run_id, result.model_path,
                                 int(result.final_metrics["epoch"]), stage.phase)
@@ -180,10 +210,42 @@ def execute_stage(
             # Why is the driver's to say ("interrupted (SIGINT)"), and it may have said so already:
             # Ray tears a stopped trial's actor down after Tune's fit() has returned.
             if not stopped or tracker.client.get_run(run_id).info.status == "RUNNING":
-                tracker.fail_trial(run_id, f"{type(exc).__name__}: {exc}", killed=stopped)
+                tracker.fail_trial(run_id, f"{type(exc).__name__}: {exc}", killed=stopped,
+                                   final=isinstance(exc, BnewError))
         raise
+    finally:
+        with contextlib.suppress(Exception):  # MLflow down: the lease then times out
+            lease.release()
     if len(stage.roles) > 1:
         tracker.link_missing_roles(context.experiment_id, context.parent_run_id, context.sweep, stage)
+
+
+class CheckpointUploader(Callback):
+    """Each checkpoint the trainer writes, also to the trial's MLflow run (`checkpoint/`): if this
+    trial's driver or node dies, the sweep that takes its stage over continues from it."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker, self.run_id = tracker, run_id
+
+    def on_epoch_end(self, epoch: int, metrics: Metrics, checkpoint: Path | None) -> None:
+        if checkpoint is None:
+            return
+        try:
+            for path in (checkpoint, checksum_path(checkpoint)):
+                self.tracker.client.log_artifact(self.run_id, str(path), "checkpoint")
+        except Exception as exc:  # MLflow down: training goes on; only a takeover would start earlier
+            print(f"warning: checkpoint of epoch {epoch} not sent to MLflow ({type(exc).__name__})", flush=True)
+
+
+def continued_checkpoint(tracker: Tracker, run_id: str, destination: Path) -> Path | None:
+    """The last checkpoint a run that held this stage sent to MLflow (None: it sent none, or a
+    damaged one), to continue its training from."""
+    try:
+        folder = Path(tracker.client.download_artifacts(run_id, "checkpoint", str(destination)))
+        verify_checksum(folder / "checkpoint.pt", "checkpoint", required=True)
+    except (MlflowException, OSError, CorruptCheckpointError):
+        return None
+    return folder / "checkpoint.pt"
 
 
 def node_name() -> str:
@@ -200,6 +262,7 @@ def tune_trial(config: dict[str, Any], hold_last_report: bool = False) -> None:
     `hold_last_report`: the last epoch goes to Tune only once the run is recorded, so that a
     scheduler deciding on it (ASHA's top rung) cannot stop the trial while it records itself."""
     stage, context = Stage.from_dict(config["stage"]), SweepContext(**config["sweep"])
+    hide_unreserved_gpus()
     # Not Tune's trial dir: on the driver's node that folder is synced to the storage while the
     # trainer renames its files in it. What must outlive the attempt goes to Tune's checkpoint
     # and to MLflow.
@@ -218,14 +281,37 @@ def tune_trial(config: dict[str, Any], hold_last_report: bool = False) -> None:
                                 held_epoch=stage.epochs - 1 if hold_last_report else None)
         try:
             with trial_log.capture_output(Path(work_dir) / trial_log.LOG_NAME, tee=False):
-                execute_stage(stage, context, Path(work_dir), resume_from, [reporter], tags)
+                execute_stage(stage, context, Path(work_dir), resume_from, [reporter], tags,
+                              on_wait=print if hold_last_report else report_waiting)
         except BnewError as exc:  # recorded FAILED by execute_stage; a retry would fail the same way
-            tune.report({STAGE_FAILED: True, "bnew_error": str(exc)})
+            tune.report({STAGE_FAILED: True, STAGE_ERROR: str(exc)})
             return
         if reporter.fault_how == "recorded":
             os._exit(1)
         if reporter.held is not None:
             tune.report(reporter.held)
+
+
+def report_waiting(text: str) -> None:
+    """The trial's wait for another sweep, in its log and to the console (a Tune result of its own;
+    not for a search's trials, whose every result a scheduler reads)."""
+    print(text, flush=True)
+    tune.report({WAITING_KEY: text})
+
+
+def hide_unreserved_gpus() -> None:
+    """A trial that reserved no GPU sees none. Ray 2.60 leaves CUDA_VISIBLE_DEVICES as the node
+    has it for a 0-GPU task (ray-project/ray#54868), so on a GPU node `device: auto` would train on
+    GPU 0 beside the trials that reserved it, and `device: cuda` would not fail. Done here, in the
+    trial, rather than with RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1 in a runtime env or by rewriting
+    the stages' `device`: it holds for every trial (the stage graph's and the searches') however
+    the driver started (`--local`, `--address`, a Ray job, whose runtime env a driver's own would
+    have to merge with), follows what Ray reserved rather than what the spec says, and `auto`
+    then records why it trains on the CPU (`bnew.device_fallback`) while `cuda` fails at once.
+    CUDA reads the variable once, when it initialises: this runs first in the trial, and an actor
+    Tune reuses keeps the same reservation for every trial it runs."""
+    if not ray.get_gpu_ids():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def restore_checkpoint(checkpoint: Any, destination: Path) -> tuple[Path | None, list[str]]:

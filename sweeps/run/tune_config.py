@@ -10,6 +10,7 @@ from ray import tune
 
 from sweeps.core.spec import SweepSpec
 from sweeps.run.events import TuneEvents
+from sweeps.run.resources import trial_resources
 from sweeps.run.trial import tune_trial
 
 TUNING_FOLDER = "tuning"
@@ -27,7 +28,7 @@ def tune_storage(spec: SweepSpec) -> str:
 
 
 def trainable(spec: SweepSpec, function: Callable[[dict[str, Any]], None] = tune_trial) -> Any:
-    return tune.with_resources(function, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    return tune.with_resources(function, trial_resources(spec))
 
 
 def tune_run_config(spec: SweepSpec, name: str, verbose: bool = False) -> tune.RunConfig:

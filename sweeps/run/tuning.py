@@ -39,8 +39,8 @@ from sweeps.core.search import TunedCell, cell_params, tuned_stage
 from sweeps.core.spec import SweepSpec
 from sweeps.records.sweep_runs import trial_frame
 from sweeps.records.tracker import Tracker
-from sweeps.run.events import say
-from sweeps.run.trial import STAGE_FAILED, tune_trial
+from sweeps.run.events import STAGE_FAILED, say
+from sweeps.run.trial import tune_trial
 from sweeps.run.tune_config import REUSE_ACTORS, TUNING_FOLDER, trainable, tune_run_config, tune_storage
 
 Log = Callable[[str], None]

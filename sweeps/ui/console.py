@@ -152,7 +152,9 @@ class SweepView:
         with self.lock:
             running = Table.grid(padding=(0, 2))
             for column in ("trial", "epoch", "binary", "eta"):
-                running.add_column(column, justify="left" if column == "trial" else "right")
+                # A trial's name folds onto a second line in a narrow terminal; it is never cut.
+                running.add_column(column, justify="left" if column == "trial" else "right",
+                                   overflow="fold" if column == "trial" else "ellipsis")
             for stage in self.stages.values():
                 if stage.state == "running":
                     accuracy = "-" if stage.accuracy is None else f"{stage.accuracy:.1f}%"

@@ -1,0 +1,45 @@
+"""How a sweep's closing lines sort its unfinished stages, from MLflow (`sweeps.run.driver.finish`):
+a trial stopped from outside (Ctrl-C, `bnew sweep stop`, a lost process) is interrupted, not
+failed; and another sweep's run of a shared stage says nothing about this sweep's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import typer
+
+from sweeps.core.plan import build_plan
+from sweeps.core.spec import load_spec
+from sweeps.cli.sweep import report_outcome
+from sweeps.records.tracker import Tracker
+from sweeps.run.driver import SweepOutcome, finish
+from sweeps.run.trial import SweepContext
+
+
+def test_stopped_trials_are_interrupted_and_a_failed_one_failed(tmp_path: Path, capsys) -> None:
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    plan = build_plan(load_spec("demo"), "demo", 1, 1)
+    experiment_id, other = tracker.experiment_id("demo"), tracker.experiment_id("another-sweep")
+    parent = tracker.client.create_run(experiment_id, tags={"bnew.role": "sweep"}).info.run_id
+    context = SweepContext("demo", tracker.uri, experiment_id, parent)
+    stages = list(plan.stages.values())
+    states = {stages[0].key: "FAILED", stages[1].key: "RUNNING", stages[2].key: "KILLED", stages[3].key: "FINISHED"}
+    for stage in stages[:4]:
+        run_id = tracker.open_trial_run(experiment_id, parent, "demo", stage, stage.roles[0])
+        if states[stage.key] != "RUNNING":
+            tracker.client.set_terminated(run_id, states[stage.key])
+    shared = stages[4]  # another sweep is training it: not this sweep's failure, and not run here
+    tracker.open_trial_run(other, parent, "another-sweep", shared, shared.roles[0])
+    outcome = SweepOutcome(interrupted="SIGINT")
+    finish(tracker, context, outcome, stages[:5])
+    assert outcome.failed == {stages[0].key}
+    assert outcome.interrupted_stages == {stages[1].key, stages[2].key}  # the RUNNING one is marked KILLED now
+    assert outcome.trained == {stages[3].key} and outcome.not_run == {shared.key}
+    assert tracker.client.search_runs([other])[0].info.status == "RUNNING"  # the other sweep's run is left alone
+    with pytest.raises(typer.Exit) as exited:  # the closing lines, as `bnew sweep run` prints them
+        report_outcome(outcome, plan, "demo")
+    assert exited.value.exit_code == 130
+    err = capsys.readouterr().err
+    assert f"failed: {stages[0].name}" in err and f"interrupted: {stages[1].name}" in err
+    assert f"failed: {stages[1].name}" not in err and f"failed: {stages[2].name}" not in err
