@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
-.PHONY: install demo test test-long bench
+.PHONY: install demo test test-long bench images
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -23,3 +23,7 @@ test-long: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench
+
+# The README's screenshots (docs/img/) from a real run of the demo; needs Debian's chromium.
+images: $(VENV)/.installed
+	$(VENV)/bin/python docs/make_images.py

@@ -1,10 +1,30 @@
-"""Helpers for the servers the tests start (MLflow, moto's S3): a free loopback port, and
-stopping a server process for good."""
+"""Helpers for the servers the tests start (MLflow, moto's S3): a free loopback port, an MLflow
+tracking server, stopping a server process for good, and the Debian packages some tests need."""
 
 from __future__ import annotations
 
+import glob
 import socket
 import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+CHROMIUM = Path("/usr/bin/chromium")
+DEBIAN_PACKAGES: dict[str, Callable[[], bool]] = {
+    "chromium": CHROMIUM.is_file,  # headless, for screenshots and MLflow's UI
+    "postgresql": lambda: bool(glob.glob("/usr/lib/postgresql/*/bin/initdb")),  # cluster/postgres_local.sh
+}
+"""Package -> whether it is installed; a test marked `debian(package)` needs it (conftest.py)."""
+
+
+def debian_missing(*packages: str) -> str | None:
+    """One line naming what to install when any of Debian's `packages` is missing, else None."""
+    missing = sorted({package for package in packages if not DEBIAN_PACKAGES[package]()})
+    return f"needs Debian's {' and '.join(missing)}: apt-get install {' '.join(missing)}" if missing else None
 
 
 def free_port() -> int:
@@ -22,3 +42,29 @@ def stop(process: subprocess.Popen, timeout: float = 60) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@contextmanager
+def mlflow_server(root: Path) -> Iterator[str]:
+    """A real MLflow tracking server with artifact serving, its store in `root`, on a free loopback
+    port; yields its URL."""
+    port = free_port()
+    with open(root / "server.log", "w") as log:  # the server keeps its own copy of the file
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300  # a busy 2-core machine needs minutes
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5)
+                break
+            except OSError:
+                assert process.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
+                time.sleep(1)
+        yield url
+    finally:
+        stop(process)

@@ -49,3 +49,15 @@ def test_bench_tiny_run_reports_both_trainers(tmp_path: Path, monkeypatch: pytes
 
 def test_preset_trial_epochs_match_the_sweep_plans() -> None:
     assert preset_trial_epochs() == {"paper-table1": 51_000, "paper-table2": 33_000, "paper-main": 102_000}
+
+
+def test_decode_bench_times_both_decoders_on_the_same_pixels(tmp_path: Path) -> None:
+    from bench.decode import main as decode_main
+
+    image_tree(tmp_path / "data", {"train": 10})
+    table = decode_main(["--data", str(tmp_path / "data"), "--repeats", "2"])  # exits if their pixels differ
+    lines = table.splitlines()
+    assert lines[0] == "20 JPEGs, 2 repeats"
+    assert lines[2].startswith("torchvision.io ") and "(before)" in lines[2]
+    assert lines[3].startswith("torchcodec ") and "(after)" in lines[3]
+    assert lines[4].startswith("after / before: ")

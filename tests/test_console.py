@@ -2,150 +2,24 @@
 within its line budget with no ERROR or traceback, and a sweep writing to a file prints plain
 lines, one per finished or failed trial, the failure's reason included; `status` then shows
 the failed trial's last log lines, and `resume --verbose` finishes it with Tune's reporter on
-while `status --watch` follows it from MLflow until it ends. Set BNEW_SCREENSHOT_DIR to keep
-the console screenshot."""
+while `status --watch` follows it from MLflow until it ends. A terminal frame renders to a PNG
+(`make images` renders the demo's for the README)."""
 
 from __future__ import annotations
 
-import fcntl
 import io
-import os
-import pty
 import re
-import select
-import struct
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-COLUMNS, ROWS = 110, 40
+from screens import plain, replay, run_in_pty, save_console_screenshot, sweep_env
+
 LINE_BUDGET = 40
-CSI = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z])")
-OSC = re.compile(r"\x1b\][^\x07\x1b]*(\x07|\x1b\\)")
-
-
-def sweep_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, "TERM": "xterm-256color", "COLUMNS": str(COLUMNS), "LINES": str(ROWS)}
-
-
-def run_in_pty(args: list[str], cwd: Path, timeout: float = 900) -> tuple[int, list[bytes]]:
-    """Run `python -m sweeps.cli ARGS` on a pseudo-terminal; its exit code and output chunks."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the command, its stdin/stdout/stderr on the terminal
-        os.chdir(cwd)
-        os.execve(sys.executable, [sys.executable, "-m", "sweeps.cli", *args], sweep_env())
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
-    chunks, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        if select.select([fd], [], [], 1.0)[0]:
-            try:
-                data = os.read(fd, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-    else:
-        os.kill(pid, 9)
-    os.close(fd)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), chunks
-
-
-class Terminal:
-    """Just enough of a terminal for rich's live view: text, colours (SGR), CR, LF, cursor up and
-    erase line. `lines` is everything on screen and scrolled off, as ANSI text."""
-
-    def __init__(self) -> None:
-        self.cells: list[list[tuple[str, str]]] = [[]]
-        self.row = self.col = 0
-        self.style = ""
-
-    def feed(self, text: str) -> None:
-        text = OSC.sub("", text)
-        position = 0
-        for match in CSI.finditer(text):
-            self.write(text[position : match.start()])
-            self.control(match.group(1), match.group(2))
-            position = match.end()
-        self.write(text[position:])
-
-    def control(self, params: str, command: str) -> None:
-        count = int(params) if params.isdigit() else 1
-        if command == "A":
-            self.row = max(0, self.row - count)
-        elif command == "K":
-            line = self.cells[self.row]
-            del line[0 if params == "2" else self.col :]
-        elif command == "G":
-            self.col = count - 1
-        elif command == "m":
-            self.style = "" if params in ("", "0") else self.style + f"\x1b[{params}m"
-
-    def write(self, text: str) -> None:
-        for char in text:
-            if char == "\r":
-                self.col = 0
-            elif char == "\n":
-                self.row += 1
-                if self.row == len(self.cells):
-                    self.cells.append([])
-            elif char == "\b":
-                self.col = max(0, self.col - 1)
-            elif char >= " " and char != "\x1b":
-                line = self.cells[self.row]
-                line.extend([(" ", "")] * (self.col - len(line) + 1))
-                line[self.col] = (char, self.style)
-                self.col += 1
-
-    def lines(self, ansi: bool = False) -> list[str]:
-        rendered = []
-        for line in self.cells:
-            text, style = "", ""
-            for char, char_style in line:
-                if ansi and char_style != style:
-                    text += "\x1b[0m" + char_style
-                    style = char_style
-                text += char
-            rendered.append((text + ("\x1b[0m" if ansi else "")).rstrip())
-        while rendered and not rendered[-1].strip():
-            rendered.pop()
-        return rendered
-
-
-def running_count(frame: list[str]) -> int:
-    """Trials the frame shows running; -1 for a frame caught between two redraws."""
-    lines = [plain(line) for line in frame]
-    done = {line.split()[1] for line in lines if line.startswith("done ")}
-    running = [line.split()[0] for line in lines if re.search(r"  epoch \d+/\d+ ", line)]
-    return -1 if done & set(running) else len(running)
-
-
-def plain(text: str) -> str:
-    return CSI.sub("", OSC.sub("", text))
-
-
-def save_console_screenshot(ansi_lines: list[str], path: Path) -> None:
-    """The terminal frame as a PNG: rich's SVG export, rendered by headless Chromium."""
-    from rich.console import Console
-    from rich.text import Text
-
-    console = Console(record=True, width=COLUMNS, file=open(os.devnull, "w"), force_terminal=True)
-    for line in ansi_lines:
-        console.print(Text.from_ansi(line), soft_wrap=True)
-    svg = path.with_suffix(".svg")
-    console.save_svg(str(svg), title="bnew sweep run demo --local")
-    height = 120 + 24 * len(ansi_lines)
-    subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--no-first-run", f"--screenshot={path}", f"--window-size=1280,{height}", svg.as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    svg.unlink()
 
 
 @pytest.mark.slow
@@ -155,12 +29,7 @@ def test_demo_under_a_terminal_is_a_compact_live_view(tmp_path: Path) -> None:
     assert code == 0, plain(raw)[-4000:]
     assert "ERROR" not in plain(raw) and "Traceback" not in plain(raw), plain(raw)[-4000:]
 
-    terminal, best_frame = Terminal(), []
-    for chunk in chunks:  # replay the output; keep a whole frame showing the most running trials
-        terminal.feed(chunk.decode(errors="replace"))
-        frame = terminal.lines(ansi=True)
-        if "sweep eta" in plain(frame[-1] if frame else "") and running_count(frame) >= running_count(best_frame):
-            best_frame = frame
+    terminal, best_frame = replay(chunks)
     printed = [line for line in terminal.lines() if line.strip()]
     assert len(printed) <= LINE_BUDGET, "\n".join(printed)
     assert sum(line.startswith("done   demo/") for line in printed) == 12, "\n".join(printed)
@@ -174,9 +43,15 @@ def test_demo_under_a_terminal_is_a_compact_live_view(tmp_path: Path) -> None:
         log = Path(client.download_artifacts(run.info.run_id, "logs/trial.log", str(tmp_path / run.info.run_id)))
         assert log.read_text().startswith("--- "), run.info.run_name
 
-    screenshots = Path(os.environ.get("BNEW_SCREENSHOT_DIR", tmp_path))
-    save_console_screenshot(best_frame, screenshots / "console.png")
-    assert (screenshots / "console.png").stat().st_size > 5000
+
+@pytest.mark.debian("chromium")
+def test_a_console_frame_renders_to_a_png(tmp_path: Path) -> None:
+    """What `make images` does with the demo's frame (docs/make_images.py)."""
+    frame = ["\x1b[32mdone   demo/teacher/baseline/seed0  binary 91.4%  in 0m21s\x1b[0m",
+             "demo/bnew/baseline/seed0  epoch 3/10  binary 88.2%  eta 0m12s", "\x1b[1msweep eta 0m40s\x1b[0m"]
+    save_console_screenshot(frame, tmp_path / "console.png", title="bnew sweep run demo --local")
+    assert (tmp_path / "console.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "console.png").stat().st_size > 5000
 
 
 FAILING_SPEC = """\
@@ -221,7 +96,6 @@ def test_output_to_a_file_is_plain_lines_with_the_failure_reason_and_its_log(tmp
     assert "  | RuntimeError: BNEW_SWEEP_FAULT: injected failure after epoch 0" in status.stdout  # the log's tail
 
     from sweeps.analysis.report import failed_trials, render_failed_markdown
-
     from sweeps.records.sweep_runs import load_sweep
 
     report = render_failed_markdown(failed_trials(load_sweep(f"sqlite:///{tmp_path / '.bnew' / 'mlflow.db'}", "plain")))

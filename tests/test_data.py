@@ -73,11 +73,19 @@ def test_imagefolder_decodes_and_caches(tmp_path: Path, monkeypatch: pytest.Monk
     write_tree(tmp_path / "tree")
     data = load_data(DataConfig(name="imagefolder", root=tmp_path / "tree"))
     assert data.train.images.shape == (12, 3, 8, 8) and data.num_classes == 3
-    first = np.asarray(Image.open(tmp_path / "tree" / "train" / "class0" / "0.png"))
+    first = np.array(Image.open(tmp_path / "tree" / "train" / "class0" / "0.png"))  # a copy: writable
     assert torch.equal(data.train.images[0], torch.from_numpy(first).permute(2, 0, 1))
     assert list((tmp_path / "cache").glob("imagefolder-*.pt"))
     cached = load_data(DataConfig(name="imagefolder", root=tmp_path / "tree"))
     assert torch.equal(cached.train.images, data.train.images)
+
+
+def test_an_undecodable_image_names_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BNEW_CACHE_DIR", str(tmp_path / "cache"))
+    write_tree(tmp_path / "tree")
+    (tmp_path / "tree" / "test" / "class1" / "notes.txt").write_text("not an image")
+    with pytest.raises(BnewError, match=r"data.root: cannot decode .*/test/class1/notes.txt \("):
+        load_data(DataConfig(name="imagefolder", root=tmp_path / "tree"))
 
 
 def test_missing_datasets_name_the_field_and_flag(tmp_path: Path) -> None:

@@ -327,10 +327,12 @@ def report_command(
 ) -> None:
     """Report a sweep from its MLflow runs: claims, tables, teachers, failed trials and plots.
 
-    A verdict per claim of the spec's `report.claims` (effect ± s.e., Welch p, the paper's
-    effect); a table per grid and dataset (rows and columns from the spec's `report:` section)
-    with mean ± std over seeds, seed counts, Welch t-tests against the baseline and the paper's
-    values; missing cells are marked. Files go to --out and to the sweep's parent run.
+    A verdict per claim of the spec's `report.claims` (effect ± s.e., its t-test paired by seed
+    where the cells share seeds, else Welch's, p adjusted by report.correction, the seeds that
+    would decide it, the paper's effect); a table per grid and dataset (rows and columns from the
+    spec's `report:` section) with mean ± std over seeds, seed counts, the same tests against the
+    baseline and the paper's values; missing cells are marked. Files go to --out and to the
+    sweep's parent run.
     """
     from sweeps.analysis.report import default_tracking_uri, write_report
     from sweeps.analysis.tables import SELECTION_NOTES
