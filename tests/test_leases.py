@@ -134,7 +134,7 @@ def trained(runs: list) -> list:
 
 @pytest.mark.slow
 def test_two_sweeps_at_once_train_their_shared_pretrained_model_once(tmp_path: Path, server: str) -> None:
-    first, second = (driver(tmp_path, server, spec(name, optimiser, 6)) for name, optimiser in (("ste-one", "ste"),
+    first, second = (driver(tmp_path, server, spec(name, optimiser, 20)) for name, optimiser in (("ste-one", "ste"),
                                                                                                ("bnew-one", "bnew")))
     outputs = [process.communicate(timeout=900)[0] for process in (first, second)]
     assert [process.returncode for process in (first, second)] == [0, 0], outputs
