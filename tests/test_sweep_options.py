@@ -100,3 +100,14 @@ def test_the_count_from_grid_points_is_the_plans(name: str) -> None:
     spec = parse_spec(SEARCH_SPEC, "searched") if name == "searched" else load_spec(name)
     points = grid_points(spec)
     assert trial_count(spec, points) == planned_counts(build_plan(spec, name, points=points)).trials
+
+
+@pytest.mark.parametrize("command", [["sweep", "plan", "demo"], ["sweep", "status", "demo"], ["sweep", "report", "demo"]])
+def test_a_dead_tracking_server_is_one_line(command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    dead = "http://127.0.0.1:9"  # nothing listens there
+    result = CliRunner().invoke(app, [*command, "--tracking-uri", dead] if command[1] != "plan" else command,
+                                env={"MLFLOW_TRACKING_URI": dead})
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: tracking_uri: {dead} is not reachable (") and result.stderr.count("\n") == 1

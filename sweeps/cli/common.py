@@ -44,6 +44,17 @@ def user_errors() -> Iterator[None]:
         fail(str(exc))
 
 
+@contextlib.contextmanager
+def reaching(tracking_uri: str) -> Iterator[None]:
+    """An MLflow error (a dead or unreachable tracking server) becomes `fail`'s one line and exit 2."""
+    from mlflow.exceptions import MlflowException  # lazy: start-up (MLflow takes a second to import)
+
+    try:
+        yield
+    except MlflowException as exc:
+        fail(f"tracking_uri: {tracking_uri} is not reachable ({str(exc).splitlines()[0][:160]})")
+
+
 def load_sweep_plan(spec_arg: str, max_epochs: Optional[int], max_batches: Optional[int], settings: list[str] = (),
                     on_this_machine: bool = True, yes: bool = True, tracking: bool = True,
                     data: bool = True) -> tuple["SweepSpec", "Plan"]:

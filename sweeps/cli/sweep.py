@@ -4,6 +4,7 @@ it. Each command imports the layers it uses when it runs: `plan` needs no Ray, `
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 from pathlib import Path
@@ -24,6 +25,7 @@ from sweeps.cli.common import (
     fail,
     load_sweep_plan,
     parse_set_option,
+    reaching,
     user_errors,
 )
 
@@ -128,20 +130,16 @@ def plan(
     reused: set[str] = set()
     tracker = None
     uri = sweep_spec.resolved_tracking_uri()
-    if lookup:
-        from mlflow.exceptions import MlflowException
+    with reaching(uri) if lookup else contextlib.nullcontext():  # --no-lookup: no MLflow to import
+        if lookup:
+            from sweeps.records.store import store_exists
+            from sweeps.records.tracker import Tracker
 
-        from sweeps.records.store import store_exists
-        from sweeps.records.tracker import Tracker
-
-        if store_exists(uri):
-            try:
+            if store_exists(uri):
                 tracker = Tracker(uri)
                 reused = set(tracker.finished_stages(list(sweep_plan.stages)))
-            except MlflowException as exc:
-                fail(f"tracking_uri: {uri} is not reachable ({str(exc).splitlines()[0][:160]})")
-    print_plan(sweep_plan, reused)
-    print_cost(sweep_plan, reused, tracker, address)
+        print_plan(sweep_plan, reused)
+        print_cost(sweep_plan, reused, tracker, address)
     from sweeps.core.plan import missing_data
 
     for line in missing_data(sweep_plan):
@@ -285,6 +283,7 @@ def status(
     with user_errors():
         spec = load_spec(name) if Path(name).is_file() or name in preset_names() else SweepSpec(name=name)
         uri = tracking_uri or spec.resolved_tracking_uri()
+    with user_errors(), reaching(uri):
         if watch:
             watch_sweep(spec.name, uri, interval)
         result = sweep_status(spec.name, uri, top)
@@ -339,8 +338,9 @@ def report_command(
 
     if select not in (None, *SELECTION_NOTES):
         fail(f"--select: {select!r} is not one of {', '.join(SELECTION_NOTES)}")
-    with user_errors():
-        report = write_report(tracking_uri or default_tracking_uri(name), name, out, fmt, compare_to, log, select)
+    uri = tracking_uri or default_tracking_uri(name)
+    with user_errors(), reaching(uri):
+        report = write_report(uri, name, out, fmt, compare_to, log, select)
     typer.echo(report.text)
     if not report.tables:
         typer.echo("no quantise or real-valued trials in this sweep yet", err=True)

@@ -107,18 +107,17 @@ class Lease:
         `on_wait` once per holder it waits for. A holder whose stage failed for good (a
         `BnewError`: bad input, divergence) fails this trial too, with its reason."""
         waited: Holder | None = None
-        while True:
-            finished = self.tracker.finished_stages([self.key]).get(self.key)
-            if finished is not None:
-                return Held(finished=finished)
-            holder = self.claim()
-            if holder is None:
-                break
+        while (holder := self.claim()) is not None:
             if waited is None or holder.run_id != waited.run_id:
                 on_wait(holder)
                 waited = holder
             time.sleep(POLL_S)
-        finished = self.tracker.finished_stages([self.key]).get(self.key)  # its holder finished just before our claim
+            finished = self.tracker.finished_stages([self.key]).get(self.key)
+            if finished is not None:  # its holder finished while we waited
+                return Held(finished=finished)
+        # Claimed first, looked second: a holder that finished and released just before our claim
+        # is found here, and a trial with no rival pays one lookup, not two.
+        finished = self.tracker.finished_stages([self.key]).get(self.key)
         if finished is not None:
             self.release()
             return Held(finished=finished)
