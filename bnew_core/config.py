@@ -255,7 +255,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     """One line per problem, each naming the dotted field path and the source file."""
     lines = []
     for problem in error.errors():
-        location = ".".join(str(part) for part in problem["loc"])
+        location = ".".join(str(part) for part in problem["loc"] if part != "")  # "": an untagged union member
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"].endswith("_type") and isinstance(problem.get("input"), (bool, int, float, str)):
             message += f", got {json.dumps(problem['input'])}"  # `true` for a boolean, as YAML spells it

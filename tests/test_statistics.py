@@ -14,10 +14,10 @@ from statsmodels.stats.power import TTestIndPower, TTestPower
 from sweeps.analysis.sequential import (
     SequentialDesign,
     rejection_rate,
-    seed_looks,
     simulate_false_positive_rate,
     spent_alpha,
 )
+from sweeps.core.spec import SeedRounds
 from sweeps.analysis.statistics import (
     SIGNIFICANCE_LEVEL,
     _noncentral_t_sf,
@@ -214,14 +214,15 @@ def test_minimum_detectable_effect_really_has_its_power() -> None:
 
 # --- sequential --------------------------------------------------------------------------------
 
-LOOKS = seed_looks(3, 2, 12)
+LOOKS = SeedRounds(start=3, step=2, max=12).looks()
 FPR_SIMS = 20_000
 FPR_LIMIT = ALPHA + 3 * math.sqrt(ALPHA * (1 - ALPHA) / FPR_SIMS)
 
 
 def test_seed_looks() -> None:
     assert LOOKS == [3, 5, 7, 9, 11, 12]
-    assert seed_looks(4, 4, 12) == [4, 8, 12]
+    assert SeedRounds(start=4, step=4, max=12).looks() == [4, 8, 12]
+    assert SeedRounds(start=3, step=2, max=3, first=10).seeds(3) == [10, 11, 12]
 
 
 @pytest.mark.parametrize("spending", ["pocock", "obrien_fleming"])

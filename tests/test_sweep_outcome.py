@@ -13,7 +13,8 @@ from sweeps.core.plan import build_plan
 from sweeps.core.spec import load_spec
 from sweeps.cli.sweep import report_outcome
 from sweeps.records.tracker import Tracker
-from sweeps.run.driver import SweepOutcome, finish
+from sweeps.run.driver import finish
+from sweeps.run.outcome import SweepOutcome
 from sweeps.run.trial import SweepContext
 
 

@@ -35,8 +35,9 @@ from sweeps.analysis.statistics import (
     seeds_needed,
     welch_contrast,
 )
-from sweeps.analysis.tables import correction_text, natural_key
+from sweeps.analysis.tables import correction_text, natural_key, seed_values_text
 from sweeps.core.spec import ClaimSpec, PaperEffect
+from sweeps.records.sweep_runs import TRIAL_COLUMNS
 
 HOLDS, NOT_SHOWN, CONTRADICTED = "holds", "not shown at this scale", "contradicted"
 POWER = 0.8
@@ -103,6 +104,9 @@ class ClaimResult:
     reason: str
     seed_contrasts: dict[str, float] = field(default_factory=dict)
     """Paired: the contrast within each shared seed (what the t-test is on)."""
+    threshold: float = SIGNIFICANCE_LEVEL
+    """The level the verdict reads `adjusted_p` against, or a sequential boundary it reads the raw p
+    against (`adjusted_p` is then NaN)."""
 
     @property
     def effect(self) -> float:
@@ -222,16 +226,19 @@ def seeds_text(power: Power) -> str:
 
 
 def verdict(test: ContrastTest, adjusted_p: float, expected: float, power: Power,
-            adjustment: str = "") -> tuple[str, str]:
+            adjustment: str = "", threshold: Threshold | None = None) -> tuple[str, str]:
     """The verdict and why. `adjustment` names the multiplicity correction ('' when none): the
-    verdict reads the adjusted p, the undecided rule the unadjusted CI and the MDE."""
-    alpha, p_name = SIGNIFICANCE_LEVEL, "adjusted p" if adjustment else "p"
+    verdict reads the adjusted p, the undecided rule the unadjusted CI and the MDE. With a
+    `threshold` (a sequential boundary) pass the raw p as `adjusted_p`: it is judged against it."""
+    alpha = threshold.p if threshold else SIGNIFICANCE_LEVEL
+    p_name = "p" if threshold or not adjustment else "adjusted p"
+    adjustment = threshold.text if threshold else adjustment
     if min(test.cell_sizes, default=0) < 2:
         return NOT_SHOWN, "fewer than two runs in a cell"
     if math.isnan(test.p_value):
         return NOT_SHOWN, "no spread between seeds to test"
     if adjusted_p < alpha:
-        where = f"{p_name} < {alpha}" + (f" ({adjustment})" if adjustment else "")
+        where = f"{p_name} < {alpha:.3g}" + (f" ({adjustment})" if adjustment else "")
         if math.copysign(1, test.effect) == math.copysign(1, expected):
             return HOLDS, f"{where}, the paper's sign"
         return CONTRADICTED, f"{where}, against the paper's sign"
@@ -261,12 +268,44 @@ def claim_samples(results: pd.DataFrame, claim: ClaimSpec) -> list[CellSample]:
     return cells
 
 
+def claim_frame(results: pd.DataFrame, claims: list[ClaimSpec]) -> pd.DataFrame:
+    """What `evaluate_claims` reads from a sweep's result trials (`tables.result_trials`): one
+    row per trained stage that finished (a re-run replaces its predecessor; roles sharing a
+    stage, as capped budgets do, count once), a column per axis the claims name, `seed`, `value`."""
+    finished = results[results.status == "FINISHED"]
+    trained = finished.stage_key.where(finished.stage_key != "", finished.run_name)
+    finished = finished.assign(trained=trained).sort_values("start_time").drop_duplicates("trained", keep="last")
+    axes = sorted({axis for claim in claims for axis in claim.axes()})
+    columns = finished.reindex(columns=[axis if axis in TRIAL_COLUMNS else f"param.{axis}" for axis in axes], fill_value="")
+    frame = pd.DataFrame(columns.to_numpy(), columns=axes, index=finished.index)
+    return frame.assign(seed=finished.seed, value=finished.value)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A claim's significance threshold when it is not the fixed level after `report.correction`:
+    a group-sequential boundary at the round the claim stopped (`sweeps.analysis.rounds`)."""
+
+    p: float
+    """The verdict holds at raw p below this."""
+    text: str
+    """How it was set, for the verdict's reason."""
+
+
 def evaluate_claims(results: pd.DataFrame, claims: list[ClaimSpec], paper: dict[str, Any],
-                    correction: str = "holm") -> list[ClaimResult]:
+                    correction: str = "holm", thresholds: dict[str, Threshold] | None = None,
+                    seeds: dict[str, list[int]] | None = None) -> list[ClaimResult]:
     """`results`: one row per finished result run (a re-run replaced), a column per axis named
     after it, holding the tag text, `seed` and `value` (the reported metric). The claims' p-values
-    are adjusted as one family by `correction`."""
-    samples = [claim_samples(results, claim) for claim in claims]
+    are adjusted as one family by `correction`; a claim in `thresholds` is judged on its raw p
+    against its threshold instead (it has no adjusted p), and a claim in `seeds` on
+    the runs of those seeds only (the rounds of seeds it ran, though other claims' cells ran more)."""
+    def runs_of(claim: ClaimSpec) -> pd.DataFrame:
+        if seeds is None or claim.name not in seeds:
+            return results
+        return results[results.seed.astype(str).isin([str(seed) for seed in seeds[claim.name]])]
+
+    samples = [claim_samples(runs_of(claim), claim) for claim in claims]
     tests = [claim_test(cells) for cells in samples]
     adjusted = adjust_p_values([test.p_value for test in tests], correction)
     family = sum(not math.isnan(test.p_value) for test in tests)
@@ -275,9 +314,15 @@ def evaluate_claims(results: pd.DataFrame, claims: list[ClaimSpec], paper: dict[
     for claim, cells, test, adjusted_p in zip(claims, samples, tests, adjusted):
         expected = paper_effect(claim, paper)
         power = claim_power(claim, test, cells, expected)
-        outcome, reason = verdict(test, float(adjusted_p), expected, power, adjustment)
+        threshold = (thresholds or {}).get(claim.name)
+        if threshold is None:
+            outcome, reason = verdict(test, float(adjusted_p), expected, power, adjustment)
+        else:  # judged on the raw p against the boundary: no adjusted p
+            adjusted_p = math.nan
+            outcome, reason = verdict(test, test.p_value, expected, power, threshold=threshold)
         evaluated.append(ClaimResult(claim, cells, test, float(adjusted_p), correction, family, expected, power,
-                                     outcome, reason, dict(test.seed_contrasts or {}) if test.test == "paired" else {}))
+                                     outcome, reason, dict(test.seed_contrasts or {}) if test.test == "paired" else {},
+                                     threshold.p if threshold else SIGNIFICANCE_LEVEL))
     return evaluated
 
 
@@ -306,6 +351,13 @@ def power_texts(result: ClaimResult) -> tuple[str, str]:
     return mde, f"{power.seeds or f'>{MAX_SEEDS:,}'} for {power.target:.2f} ({source})"
 
 
+def adjusted_text(result: ClaimResult) -> str:
+    """The adjusted p cell; a claim judged against a sequential boundary shows the boundary."""
+    if result.threshold != SIGNIFICANCE_LEVEL:
+        return f"— (boundary {result.threshold:.3g})"
+    return p_text(result.adjusted_p)
+
+
 def render_claims_markdown(results: list[ClaimResult], metric_note: str) -> str:
     """The verdicts as a Markdown section: one line per claim, then what the numbers mean."""
     lines = [
@@ -327,7 +379,7 @@ def render_claims_markdown(results: list[ClaimResult], metric_note: str) -> str:
         mde, seeds = power_texts(result)
         lines.append(
             f"| {md_cell(result.claim.name)} | {md_cell(where_text(result.claim))} | {effect} | "
-            f"[{number(low)}, {number(high)}] | {p_text(result.p_value)} | {p_text(result.adjusted_p)} | "
+            f"[{number(low)}, {number(high)}] | {p_text(result.p_value)} | {adjusted_text(result)} | "
             f"{number(result.paper_effect, 1)} | {mde} | {seeds} | **{result.verdict}** ({md_cell(result.reason)}) | "
             f"{result.test.reason or '—'} | {md_cell(cells)} |"
         )
@@ -351,6 +403,13 @@ def render_claims_markdown(results: list[ClaimResult], metric_note: str) -> str:
         "200/1000 epochs; compare signs and rough sizes, not values.",
         "",
     ]
+    if any(result.threshold != SIGNIFICANCE_LEVEL for result in results):
+        lines[-1:-1] = [
+            "", "Seed rounds: each claim is judged on the seeds of the round it stopped at (the other claims' "
+            "cells may have run more), its raw p against the group-sequential boundary of that round (the "
+            "verdict names it), so looking after every round keeps each claim's false-positive rate at its "
+            "alpha; the adjusted p column gives the boundary instead.",
+        ]
     return "\n".join(lines)
 
 
@@ -365,8 +424,12 @@ def claims_frame(results: list[ClaimResult]) -> pd.DataFrame:
                 "p_adjusted": result.adjusted_p, "correction": result.correction, "family": result.family,
                 "paper_effect": result.paper_effect, "sd": result.power.sd, "mde": result.power.mde,
                 "effect_of_interest": result.power.target, "effect_of_interest_from": result.power.target_from,
-                "seeds_needed": result.power.seeds, "verdict": result.verdict, "reason": result.reason,
+                "seeds_needed": result.power.seeds, "threshold": result.threshold, "verdict": result.verdict,
+                "reason": result.reason,
                 "cells": "; ".join(f"{cell.coefficient:+d} {cell.label} n={len(cell.values)}" for cell in result.cells),
+                "cell_values": "; ".join(f"{cell.coefficient:+d} {cell.label}: "
+                                         f"{seed_values_text(cell.seeds, cell.values)}" for cell in result.cells),
+                "seed_contrasts": seed_values_text(result.seed_contrasts, result.seed_contrasts.values()),
             }
             for result in results
         ]

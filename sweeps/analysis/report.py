@@ -18,14 +18,15 @@ from sweeps.analysis import cost, searches
 from sweeps.analysis.claims import (
     ClaimResult,
     claims_frame,
+    claim_frame,
     claims_seeds_frame,
     evaluate_claims,
     render_claims_markdown,
 )
 from sweeps.analysis.plots import plot_claims, plot_table
+from sweeps.analysis.rounds import judge_round, recorded_rounds, rounds_text
 from sweeps.analysis.tables import (
     SELECTION_NOTES,
-    TRIAL_COLUMNS,
     ReportError,
     Table,
     build_tables,
@@ -152,27 +153,29 @@ def render_teachers_markdown(teachers: pd.DataFrame) -> str:
     return "\n".join([f"## Distillation teachers ({len(teachers)})", "", *items, ""])
 
 
-def claim_results(results: pd.DataFrame, layout: ReportSpec) -> list[ClaimResult]:
-    """The spec's claims judged on the finished result runs: one value per trained stage (a
-    re-run replaces its predecessor; roles sharing a stage, as capped budgets do, count once)."""
+def claim_results(results: pd.DataFrame, layout: ReportSpec, sweep: SweepRuns) -> tuple[list[ClaimResult], str]:
+    """The spec's claims judged on the finished result runs (`claims.claim_frame`), and the
+    "rounds" lines of a sweep that ran seed rounds: its claims then read the group-sequential
+    boundary of the round each stopped at, on that round's seeds (`analysis.rounds`)."""
     if not layout.claims:
-        return []
-    finished = results[results.status == "FINISHED"]
-    trained = finished.stage_key.where(finished.stage_key != "", finished.run_name)
-    finished = finished.assign(trained=trained).sort_values("start_time").drop_duplicates("trained", keep="last")
-    axes = sorted({axis for claim in layout.claims for axis in claim.axes()})
-    columns = finished.reindex(columns=[axis if axis in TRIAL_COLUMNS else f"param.{axis}" for axis in axes], fill_value="")
-    frame = pd.DataFrame(columns.to_numpy(), columns=axes, index=finished.index)
-    frame = frame.assign(seed=finished.seed, value=finished.value)
-    return evaluate_claims(frame, layout.claims, load_paper_tables(), layout.correction)
+        return [], ""
+    frame, paper = claim_frame(results, layout.claims), load_paper_tables()
+    played = recorded_rounds(sweep.parent_tags)
+    spec = parse_spec(sweep.spec, f"{sweep.name}/spec.yaml") if played else None
+    reached = {look.claim: look.seeds for look in played[-1].looks} if played else {}
+    if spec is None or spec.axes.seed_rounds is None or {claim.name for claim in layout.claims} - set(reached):
+        return evaluate_claims(frame, layout.claims, paper, layout.correction), ""
+    _, judged = judge_round(frame, spec.model_copy(update={"report": layout}), reached, paper, played[-1].number)
+    return judged, rounds_text(played, spec.axes.seed_rounds)
 
 
 def render(
     tables: list[Table], failed: pd.DataFrame, fmt: str, sweep_name: str,
-    claims: list[ClaimResult] = (), teachers: pd.DataFrame | None = None, data: str = "",
+    claims: list[ClaimResult] = (), teachers: pd.DataFrame | None = None, data: str = "", rounds: str = "",
 ) -> str:
     """The tables in one format; Markdown also gives the data the results come from (`data`,
-    first), the claims' verdicts, the teachers and the failed trials."""
+    first), the claims' verdicts (after the `rounds` of seeds that decided them, if any), the
+    teachers and the failed trials."""
     if fmt == "csv":
         return cells_frame(tables).to_csv(index=False)
     if fmt == "latex":
@@ -181,7 +184,7 @@ def render(
     if claims:
         layout = tables[0].layout if tables else ReportSpec()
         note = f"`{layout.metric}` at {SELECTION_NOTES[layout.select]}, report.select: {layout.select}"
-        sections += [render_claims_markdown(claims, note), f"![claims]({CLAIMS_PLOT})", ""]
+        sections += [render_claims_markdown(claims, note), rounds, f"![claims]({CLAIMS_PLOT})", ""]
     sections += [render_markdown(table) for table in tables]
     if teachers is not None:
         sections.append(render_teachers_markdown(teachers))
@@ -208,13 +211,13 @@ def write_report(
     results = result_trials(sweep, layout)
     tables = build_tables(sweep, compare_to, layout, results)
     try:
-        claims = claim_results(results[0], layout)
+        claims, rounds = claim_results(results[0], layout, sweep)
     except BnewError as exc:
         raise ReportError(str(exc)) from None
     failed = failed_trials(sweep)
     out_dir = Path(out_dir or Path("reports") / sweep_name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = render(tables, failed, fmt, sweep_name, claims, teacher_runs(sweep), data_note(sweep.spec))
+    text = render(tables, failed, fmt, sweep_name, claims, teacher_runs(sweep), data_note(sweep.spec), rounds)
     if search_text and fmt == "md":
         text += "\n" + search_text
     if fmt == "md":

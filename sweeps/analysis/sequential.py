@@ -69,15 +69,6 @@ def spent_alpha(t: float, alpha: float, spending: Spending) -> float:
     raise ValueError(f"unknown alpha spending {spending!r}: obrien_fleming or pocock")
 
 
-def seed_looks(start: int, step: int, max_seeds: int) -> list[int]:
-    """The seed counts at which an adaptive sweep looks: `{start: 3, step: 2, max: 12}` ->
-    [3, 5, 7, 9, 11, 12]."""
-    if not 1 <= start <= max_seeds or step < 1:
-        raise ValueError(f"seed schedule start={start}, step={step}, max={max_seeds}")
-    looks = list(range(start, max_seeds + 1, step))
-    return looks if looks[-1] == max_seeds else [*looks, max_seeds]
-
-
 def _boundaries(fractions: Sequence[float], increments: Sequence[float]) -> list[float]:
     """z boundaries c_k such that the null probability of first crossing at look k is
     increments[k]; S_k = Z_k sqrt(t_k) is Brownian motion in t, integrated on a grid of the

@@ -32,7 +32,7 @@ from sweeps.cli.common import (
 if TYPE_CHECKING:
     from sweeps.core.plan import Plan
     from sweeps.records.tracker import Tracker
-    from sweeps.run.driver import SweepOutcome
+    from sweeps.run.outcome import SweepOutcome
 
 sweep_app = typer.Typer(
     help="Plan, run and follow sweeps: a YAML spec (or a preset) crossed into trials on Ray Tune, recorded in MLflow.",
@@ -141,6 +141,10 @@ def plan(
         print_plan(sweep_plan, reused)
         print_cost(sweep_plan, reused, tracker, address)
     from sweeps.core.plan import missing_data
+    from sweeps.core.rounds import rounds_summary
+
+    if sweep_spec.axes.seed_rounds is not None:
+        typer.echo(rounds_summary(sweep_plan))
 
     for line in missing_data(sweep_plan):
         typer.echo(f"{line}: not on this machine; checked where the sweep runs (`run` refuses it here)")

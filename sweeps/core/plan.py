@@ -130,7 +130,7 @@ def param_applies(key: str, optimiser: str) -> bool:
 def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     """The crossed axes, minus exclusions, plus inclusions, without duplicates (fast enough to
     count a mistyped 100,000-trial grid before refusing it)."""
-    axes: dict[str, list[Any]] = {axis: getattr(spec.axes, axis) for axis in FIXED_AXES}
+    axes: dict[str, list[Any]] = {axis: spec.axes.values(axis) for axis in FIXED_AXES}
     axes.update(spec.crossed_params())
     excluded = [selector.choices() for selector in spec.exclude]
     points = [point for point in (dict(zip(axes, combo)) for combo in product(*axes.values()))
@@ -168,7 +168,7 @@ class PlanBuilder:
         self.spec, self.source = spec, source
         self.max_epochs, self.max_batches = max_epochs, max_batches
         self.stages: dict[str, Stage] = {}
-        self.varying = {axis for axis in FIXED_AXES if len(getattr(spec.axes, axis)) > 1}
+        self.varying = {axis for axis in FIXED_AXES if len(spec.axes.values(axis)) > 1}
         self.varying |= {key for key, values in spec.crossed_params().items() if len(set(map(str, values))) > 1}
         self.names: dict[str, str] = {}
         """Run name -> stage key, to keep names unique."""

@@ -39,6 +39,9 @@ INTERRUPTED_TAG = "bnew.interrupted"
 """On the parent run: the signal that stopped the sweep."""
 CAP_TAGS = {"max_epochs": "bnew.max_epochs", "max_batches": "bnew.max_batches"}
 """On the parent run: the debug caps the plan was built with (they change stage keys)."""
+ROUND_TAG_PREFIX = "bnew.round."
+"""On the parent run of a sweep with seed rounds: `bnew.round.<number>`, each claim's state after
+that round (JSON of `sweeps.analysis.rounds.ClaimLook`s)."""
 ESTIMATE_TAG = "bnew.estimate"
 """On the parent run: the hours the sweep was estimated to take when it first started (JSON of
 `sweeps.analysis.cost.Estimate`), which its report sets against the hours it took."""

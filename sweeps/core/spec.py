@@ -7,10 +7,20 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    StrictFloat,
+    StrictInt,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bnew_core.callbacks import EPOCH_METRICS
 from bnew_core.config import (
@@ -147,6 +157,48 @@ class SearchSpace(StrictModel):
         return [value.item() if hasattr(value, "item") else value for value in drawn]
 
 
+class SeedRounds(StrictModel):
+    """Adaptive seeds (`axes.seed: {start: 3, step: 2, max: 12}`): the sweep runs `start` seeds
+    per cell, tests the report's claims, and adds `step` more seeds (up to `max`) only to the cells
+    of the claims still undecided, round after round, until every claim is decided. Each claim is
+    tested at every round against a group-sequential boundary (`spending`), so the looks do not
+    inflate its false-positive rate (`sweeps.analysis.rounds`). Round r runs seeds `first` to
+    `first + n_r - 1`, so earlier seeds' stages are reused, never retrained."""
+
+    start: StrictInt = Field(3, ge=2)
+    """Seeds per cell in the first round (a paired test needs 2)."""
+    step: StrictInt = Field(2, ge=1)
+    """Seeds each later round adds to the cells of undecided claims."""
+    max: StrictInt = Field(12, ge=2)
+    """The most seeds a cell gets; the last round runs exactly this many."""
+    first: StrictInt = Field(0, ge=0)
+    """The first seed."""
+    spending: Literal["obrien_fleming", "pocock"] = "obrien_fleming"
+    """How alpha is spent across the rounds: O'Brien-Fleming keeps almost all of it for the last
+    round (early rounds stop only on strong evidence), Pocock spends it evenly."""
+
+    @model_validator(mode="after")
+    def _start_within_max(self) -> "SeedRounds":
+        if self.max < self.start:
+            raise ValueError(f"max ({self.max}) is below start ({self.start})")
+        return self
+
+    def looks(self) -> list[int]:
+        """The seed counts the rounds run: `{start: 3, step: 2, max: 12}` -> [3, 5, 7, 9, 11, 12]."""
+        looks = list(range(self.start, self.max + 1, self.step))
+        return looks if looks[-1] == self.max else [*looks, self.max]
+
+    def seeds(self, count: int) -> list[int]:
+        """The first `count` seeds."""
+        return list(range(self.first, self.first + count))
+
+
+def seed_form(value: Any) -> str:
+    """Which form `axes.seed` takes, so that an error names that form only: a mapping is rounds,
+    anything else a list (its tag is empty, and left out of error locations: `axes.seed.0`)."""
+    return "rounds" if isinstance(value, (dict, SeedRounds)) else ""
+
+
 class Axes(StrictModel):
     """The values to cross. Every list must be non-empty."""
 
@@ -154,13 +206,27 @@ class Axes(StrictModel):
     optimiser: list[Method] = Field(["ste", "bmd", "bop", "bnew"], min_length=1)
     ablation: list[Ablation] = Field(["baseline"], min_length=1)  # type: ignore[valid-type]
     """Table 2 rows; `baseline` is the unablated network."""
-    seed: list[StrictInt] = Field([0], min_length=1)
+    seed: Annotated[
+        Annotated[list[StrictInt], Field(min_length=1), Tag("")] | Annotated[SeedRounds, Tag("rounds")],
+        Discriminator(seed_form),
+    ] = [0]
+    """Seeds to cross, or adaptive rounds of seeds that decide the report's claims (`SeedRounds`)."""
     budget: list[StrictInt] = Field([200], min_length=1)
     """Epochs of the final stage (quantise, or the real-valued run)."""
     distillation: list[bool] = Field([False], min_length=1)
     params: dict[str, list[Any] | SearchSpace] = {}
     """Any other trainer field of the final stage by dotted key (`lr`, `optimiser.lambda_rate`):
     a list of values or a search space. An `optimiser.*` key only crosses optimisers that have it."""
+
+    @property
+    def seed_rounds(self) -> SeedRounds | None:
+        return self.seed if isinstance(self.seed, SeedRounds) else None
+
+    def values(self, axis: str) -> list[Any]:
+        """A fixed axis's values; adaptive seeds give the first round's."""
+        if axis == "seed" and self.seed_rounds is not None:
+            return self.seed_rounds.seeds(self.seed_rounds.start)
+        return getattr(self, axis)
 
     @field_validator("budget")
     @classmethod
@@ -447,7 +513,20 @@ class SweepSpec(StrictModel):
                 raise ValueError("report.select: best_val needs a validation split; set data.val_size > 0 "
                                  "(base.data.val_size or datasets.<name>.val_size)")
         self._check_search()
+        self._check_seed_rounds()
         return self
+
+    def _check_seed_rounds(self) -> None:
+        if self.axes.seed_rounds is None:
+            return
+        if self.report is None or not self.report.claims:
+            raise ValueError("axes.seed: seed rounds add seeds until report.claims are decided; "
+                             "the spec has no report.claims (or give the seeds as a list)")
+        for index, claim in enumerate(self.report.claims):
+            if "seed" in claim.axes():
+                raise ValueError(f"report.claims.{index}: 'seed' is the axis the rounds add to; a claim cannot fix it")
+        if self.search is not None:
+            raise ValueError("axes.seed: seed rounds and search do not combine (give the seeds as a list)")
 
     def _check_search(self) -> None:
         if self.scheduler is not None and (self.search is None or self.search.algorithm != "optuna"):

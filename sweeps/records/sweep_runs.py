@@ -4,7 +4,7 @@ histories and the artifact upload the report needs. Needs MLflow and pandas; not
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class SweepRuns:
     """One row per trial run, any status: run_id, run_name, status, start_time and end_time (ms;
     end 0 while it runs), metrics (latest value per key), error and every other `bnew.*` tag (at
     least TRIAL_COLUMNS)."""
+    parent_tags: dict[str, str] = field(default_factory=dict)
+    """The parent run's tags (the rounds of seeds, the estimate, the caps)."""
 
     def history(self, run_id: str, metric: str) -> list[tuple[int, float]]:
         """(epoch, value) of one metric of one run."""
@@ -58,7 +60,8 @@ def load_sweep(tracking_uri: str, sweep: str) -> SweepRuns:
     parent = tracker.sweep_run(experiment_id)
     spec = (tracker.sweep_spec(parent.info.run_id) if parent else None) or {}
     runs = tracker.search_all([experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
-    return SweepRuns(tracker, sweep, parent.info.run_id if parent else None, spec, trial_frame(runs))
+    return SweepRuns(tracker, sweep, parent.info.run_id if parent else None, spec, trial_frame(runs),
+                     dict(parent.data.tags) if parent else {})
 
 
 def trial_frame(runs: list[Run]) -> pd.DataFrame:

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +23,6 @@ from ray import tune
 from ray.train._internal import checkpoint_manager
 
 from sweeps.analysis.cost import estimate, estimate_lines, record_estimate
-from sweeps.analysis.searches import CellSearch
 from sweeps.core.addresses import check_tracking_reaches
 from sweeps.core.plan import Plan, Stage
 from sweeps.core.schema import CAP_TAGS
@@ -35,7 +33,9 @@ from sweeps.records.tracker import Tracker
 from sweeps.run.checks import check_before_run
 from sweeps.run.events import SINKS, EventSink
 from sweeps.run.interrupt import Interruption
+from sweeps.run.outcome import SweepOutcome
 from sweeps.run.resources import check_trials_fit, packed_slots, trial_resources
+from sweeps.run.rounds import run_rounds
 from sweeps.run.stage_graph import StageScheduler, trial_dirname, trial_name
 from sweeps.run.storage import check_storage_reaches_every_node, experiment_uris, node_machines
 from sweeps.run.trial import SweepContext, execute_stage
@@ -46,24 +46,6 @@ Log = Callable[[str], None]
 ShowEvents = Callable[[list[Stage], set[str]], EventSink]
 """Opens a view of the stages to train (given those reused) that registers itself in `SINKS`
 until its `close()`: the console, injected by the command line."""
-
-
-@dataclass
-class SweepOutcome:
-    """Stage keys by how the sweep left them."""
-
-    reused: set[str] = field(default_factory=set)
-    trained: set[str] = field(default_factory=set)
-    failed: set[str] = field(default_factory=set)
-    """Started, not finished and not stopped from outside."""
-    interrupted_stages: set[str] = field(default_factory=set)
-    """Started, not finished: stopped from outside (a signal, a lost driver)."""
-    not_run: set[str] = field(default_factory=set)
-    """Never started: an input failed, or the sweep was interrupted first."""
-    interrupted: str | None = None
-    """The signal that stopped the sweep (SIGINT, SIGTERM), if one did."""
-    searches: list[CellSearch] = field(default_factory=list)
-    """Each cell searched to its end by this run."""
 
 
 def start_ray(address: str | None, local: bool, log: Log, verbose: bool = False) -> None:
@@ -177,7 +159,7 @@ def open_sweep(spec: SweepSpec, plan: Plan, log: Log) -> tuple[Tracker, SweepCon
     finished = tracker.finished_stages(list(plan.stages), runs_by_key)
     for key in finished:
         tracker.link_missing_roles(experiment_id, parent_run_id, spec.name, plan.stages[key], runs_by_key[key])
-    outcome = SweepOutcome(reused=set(finished))
+    outcome = SweepOutcome(reused=set(finished), parent_run_id=parent_run_id)
     log(f"MLflow: experiment {spec.name!r} at {tracker.uri}, parent run {parent_run_id}")
     return tracker, context, outcome
 
@@ -197,7 +179,20 @@ def run_sweep(
     """Train every stage of `plan` that MLflow does not have finished yet; with `restore`, first
     continue that Tune experiment (its unfinished and errored trials, from their checkpoints).
     `show` opens the view of the trials (the console) once Ray runs; `wait_for_resources`: when
-    no node of the cluster holds a trial, wait for one to join instead of failing."""
+    no node of the cluster holds a trial, wait for one to join instead of failing. With seed
+    rounds (`axes.seed: {start, step, max}`), `plan` is the first round's and `run_rounds` adds
+    the later ones."""
+    def run(round_plan: Plan, round_restore: str | None) -> SweepOutcome:
+        return run_plan(spec, round_plan, log, address, local, debug, round_restore, verbose, show, wait_for_resources)
+
+    if spec.axes.seed_rounds is None:
+        return run(plan, restore)
+    return run_rounds(spec, plan, log, run, restore)
+
+
+def run_plan(spec: SweepSpec, plan: Plan, log: Log, address: str | None, local: bool, debug: bool,
+             restore: str | None, verbose: bool, show: ShowEvents | None, wait_for_resources: bool) -> SweepOutcome:
+    """`run_sweep` for one plan."""
     check_before_run(plan, "local" if debug or local else address, in_process=debug)
     tracker, context, outcome = open_sweep(spec, plan, log)
     cells = tuned_cells(plan)  # searched after the stage graph's Tuner (sweeps.run.tuning says why)

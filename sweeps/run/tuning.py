@@ -161,7 +161,7 @@ def cell_tuner(spec: SweepSpec, cell: TunedCell, context: Any, verbose: bool) ->
         return tune.Tuner.restore(path, trainable_fn, resume_unfinished=True, resume_errored=True)
     search = spec.search
     template = cell.templates[0]
-    optuna = OptunaSearch(metric=search.metric, mode=search.mode, sampler=tpe_sampler(search.samples, spec.axes.seed[0]))
+    optuna = OptunaSearch(metric=search.metric, mode=search.mode, sampler=tpe_sampler(search.samples, spec.axes.values("seed")[0]))
     searcher = Repeater(optuna, repeat=len(cell.templates), set_index=True)
     max_concurrent = spec.max_concurrent or max(1, int(available_cpus() // spec.resources.cpu))
     run_config = tune_run_config(spec, cell.experiment_name, verbose)
