@@ -2,7 +2,8 @@
 seeds to, the rules that close a claim, the whole procedure's false-positive rate under the null
 (simulated through the same rules), and on digits through a real local Ray and MLflow store: seeds
 go only to the undecided claim's cells, the sweep stops once every claim is decided, `resume`
-replays the rounds without training, and the report gives the rounds and the boundaries."""
+continues a round a failure stopped, replaying the earlier ones, and the report gives the rounds and
+the boundaries."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from sweeps.analysis.rounds import (
     recorded_rounds,
     round_design,
 )
+from sweeps.analysis.status import sweep_status
 from sweeps.analysis.statistics import SIGNIFICANCE_LEVEL, minimum_detectable_effect, seeds_needed
 from sweeps.core.rounds import claim_covers, round_points
 from sweeps.core.spec import PRESET_DIR, SeedRounds, SweepSpec, load_spec, parse_spec
@@ -210,10 +212,18 @@ def test_digits_rounds_seed_only_the_undecided_claim_and_stop_when_decided(tmp_p
     env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(BNEW_PROJECT_DIR=str(tmp_path), RAY_TMPDIR=tempfile.mkdtemp(prefix="bnew-ray-", dir="/tmp"))
 
-    run = bnew("sweep", "run", "rounds.yaml", "--local", cwd=tmp_path, env=env)
+    # The first run loses round 2's first new seed for good: it stops after that round, exit 1.
+    failing = {**env, "BNEW_SWEEP_FAULT": "rounds-digits/bnew/no_prelu/seed3@1:final"}
+    first = bnew("sweep", "run", "rounds.yaml", "--local", cwd=tmp_path, env=failing)
+    assert first.returncode == 1, (first.stdout + first.stderr)[-4000:]
+    assert "round 2 of at most 4" in first.stdout and "round 3 of" not in first.stdout
+    assert "`bnew sweep resume rounds.yaml`" in first.stderr
+    # resume replays round 1 from MLflow (nothing to train), finishes round 2, and goes on
+    run = bnew("sweep", "resume", "rounds.yaml", "--local", cwd=tmp_path, env=env)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]
     assert "Traceback" not in output and "ERROR" not in output
+    assert "round 1 of at most 4: 18 stages" in run.stdout and "18 stages reused, 0 to train" in run.stdout
 
     client = MlflowClient(f"sqlite:///{tmp_path / '.bnew' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("rounds-digits")
@@ -234,16 +244,10 @@ def test_digits_rounds_seed_only_the_undecided_claim_and_stop_when_decided(tmp_p
 
     seeds: dict[str, set[int]] = {}
     for trial in client.search_runs([experiment.experiment_id], "tags.`bnew.role` = 'trial'"):
-        assert trial.info.status == "FINISHED"
-        if trial.data.tags["bnew.stage"] == "quantise":
+        if trial.data.tags["bnew.stage"] == "quantise" and trial.info.status == "FINISHED":
             seeds.setdefault(trial.data.tags["bnew.ablation"], set()).add(int(trial.data.tags["bnew.seed"]))
     reached = set(range(LOOKS[last - 1]))
     assert seeds == {"baseline": reached, "no_prelu": reached, "binary_first_last": {0, 1, 2}}
-
-    resume = bnew("sweep", "resume", "rounds.yaml", "--local", cwd=tmp_path, env=env)
-    assert resume.returncode == 0, (resume.stdout + resume.stderr)[-3000:]
-    assert "sweep rounds-digits: 0 stages trained" in resume.stdout, resume.stdout[-3000:]
-    assert recorded_rounds(client.get_run(parent.info.run_id).data.tags) == played
 
     report = bnew("sweep", "report", "rounds-digits", "--out", str(tmp_path / "report"), cwd=tmp_path, env=env)
     assert report.returncode == 0, report.stderr[-3000:]
@@ -253,3 +257,11 @@ def test_digits_rounds_seed_only_the_undecided_claim_and_stop_when_decided(tmp_p
     assert f"(n={LOOKS[last - 1]})" in line and f"boundary {states[-1]['(c)'].threshold:.3g}" in line
     line = next(line for line in text.splitlines() if line.startswith("| (a) binary"))
     assert "(n=3)" in line
+
+    # status plans the rounds the sweep ran, every stage of them done, and prints the rounds
+    status = bnew("sweep", "status", "rounds.yaml", cwd=tmp_path, env=env)
+    assert status.returncode == 0 and played[-1].line() in status.stdout, status.stdout + status.stderr
+    counts = sweep_status("rounds-digits", f"sqlite:///{tmp_path / '.bnew' / 'mlflow.db'}").counts
+    stages = 2 * len(reached) + 3  # two cells to the last round's seeds, binary_first_last to 3
+    assert counts["quantise"]["done"] == counts["pretrain"]["done"] == stages
+    assert sum(counts["quantise"].values()) == sum(counts["pretrain"].values()) == stages

@@ -5,6 +5,7 @@ Ray and a real MLflow store; its report gives a verdict line for every claim of 
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 import tarfile
@@ -98,3 +99,17 @@ def test_ci_sized_study_runs_on_ray_and_reports_every_claim(tmp_path: Path) -> N
         assert "not shown at this scale" in line  # one seed: no test possible
     assert "Selection (report.select: final)" in text and "`c10study/teacher/baseline/seed0`" in text
     assert (tmp_path / "report" / "claims.png").stat().st_size > 0
+
+
+def test_the_committed_study_recomputes_from_its_per_seed_values(capsys: pytest.CaptureFixture[str]) -> None:
+    """studies/cifar10-cpu: every figure of claims.csv recomputed from its per-seed values by
+    scipy and statsmodels (recompute.py), and a report that names its tests, boundaries and power."""
+    folder = REPO / "studies" / "cifar10-cpu"
+    recompute = runpy.run_path(str(folder / "recompute.py"))
+    assert recompute["main"](folder / "claims.csv") == 0, capsys.readouterr().out
+    assert "every figure agrees with the CSV" in capsys.readouterr().out
+    text = (folder / "report.md").read_text()
+    claim_lines = [line for line in text.splitlines() if line.startswith("| (")]
+    assert len(claim_lines) == 5 and all("paired by seed" in line and "boundary" in line for line in claim_lines)
+    assert "MDE at n (80% power)" in text and "Rounds: seeds {start: 3, step: 3, max: 12}" in text
+    assert "training images: 5000, a random subset (seed 1)" in text

@@ -243,13 +243,13 @@ def verdict(test: ContrastTest, adjusted_p: float, expected: float, power: Power
             return HOLDS, f"{where}, the paper's sign"
         return CONTRADICTED, f"{where}, against the paper's sign"
     if test.p_value < alpha:
-        return NOT_SHOWN, f"p < {alpha} but adjusted p >= {alpha} ({adjustment})"
+        return NOT_SHOWN, f"p < {alpha:.3g} but adjusted p >= {alpha:.3g} ({adjustment})"
     low, high = test.ci95()
     interest = f"the {power.target:.2f} of interest ({'stated' if power.target_from == 'smallest_effect' else 'paper'})"
     if low <= 0 <= high and power.mde > power.target:
         return NOT_SHOWN, (f"undecided at n={power.n}: its CI holds 0, and {POWER:.0%} power needs an effect of "
                            f"{power.mde:.2f} or more (the MDE), above {interest}; {seeds_text(power)} would decide it")
-    return NOT_SHOWN, (f"{p_name} >= {alpha}, though n={power.n} had {POWER:.0%} power for effects of "
+    return NOT_SHOWN, (f"{p_name} >= {alpha:.3g}, though n={power.n} had {POWER:.0%} power for effects of "
                        f"{power.mde:.2f} or more, within {interest}")
 
 
@@ -384,6 +384,17 @@ def render_claims_markdown(results: list[ClaimResult], metric_note: str) -> str:
             f"{result.test.reason or '—'} | {md_cell(cells)} |"
         )
     correction, family = (results[0].correction, results[0].family) if results else ("none", 0)
+    if any(result.threshold != SIGNIFICANCE_LEVEL for result in results):
+        judged = ("Seed rounds: each claim is judged on the seeds of the round it stopped at (the other "
+                  "claims' cells may have run more), its raw p against the group-sequential boundary of that "
+                  "round, which the adjusted p column and the verdict give (alpha spent across the rounds and "
+                  "split between the claims, so looking after every round keeps the chance of any false "
+                  "verdict at 0.05; see Rounds below). Verdict: holds = p below the boundary with the paper's "
+                  "sign; contradicted = below it against the paper's sign;")
+    else:
+        judged = (f"adjusted p: {correction_text(correction, family, 'claim')}. Verdict: holds = adjusted p < "
+                  f"{SIGNIFICANCE_LEVEL} with the paper's sign; contradicted = adjusted p < {SIGNIFICANCE_LEVEL} "
+                  "against it;")
     lines += [
         "",
         f"Effect: the contrast of the cells' means ({metric_note}), in accuracy points, one value per "
@@ -392,24 +403,16 @@ def render_claims_markdown(results: list[ClaimResult], metric_note: str) -> str:
         "seed and its mean t-tested (paired, df = seeds - 1); seeds some cell lacks are left out. "
         "Otherwise Welch's t-test with Welch-Satterthwaite degrees of freedom. A claim with `versus` is "
         "the difference of the contrast between the two versus values. The 95% CI and p are unadjusted; "
-        f"adjusted p: {correction_text(correction, family, 'claim')}. Verdict: holds = adjusted p < "
-        f"{SIGNIFICANCE_LEVEL} with the paper's sign; contradicted = adjusted p < {SIGNIFICANCE_LEVEL} "
-        "against it; not shown at this scale = otherwise, undecided when the CI holds 0 and the MDE is "
+        f"{judged} not shown at this scale = otherwise, undecided when the CI holds 0 and the MDE is "
         f"above the effect of interest. MDE: the smallest |effect| the test detects with {POWER:.0%} power "
         f"at its n and unadjusted alpha {SIGNIFICANCE_LEVEL}, from the observed sd (of the per-seed "
         "contrast when paired, the cells' pooled sd for Welch); seeds per cell: how many would detect the "
         "effect of interest (the claim's `smallest_effect`, stated, else the paper's |effect|) with that "
-        "power. The per-seed values are in claims_seeds.csv. The paper's effects are on CIFAR-100 at "
-        "200/1000 epochs; compare signs and rough sizes, not values.",
+        "power. The per-seed values are in claims.csv (`cell_values`, `seed_contrasts`) and "
+        "claims_seeds.csv. The paper's effects are on CIFAR-100 at 200/1000 epochs; compare signs and "
+        "rough sizes, not values.",
         "",
     ]
-    if any(result.threshold != SIGNIFICANCE_LEVEL for result in results):
-        lines[-1:-1] = [
-            "", "Seed rounds: each claim is judged on the seeds of the round it stopped at (the other claims' "
-            "cells may have run more), its raw p against the group-sequential boundary of that round (the "
-            "verdict names it), so looking after every round keeps each claim's false-positive rate at its "
-            "alpha; the adjusted p column gives the boundary instead.",
-        ]
     return "\n".join(lines)
 
 

@@ -91,6 +91,17 @@ def recorded_rounds(tags: dict[str, str]) -> list[Round]:
     return sorted(rounds, key=lambda played: played.number)
 
 
+def next_reach(rounds: SeedRounds, played: list[Round]) -> dict[str, int]:
+    """The seeds each claim runs in the round after `played`: the round a running sweep is in, or
+    for a sweep that stopped, its last (no claim undecided, or at max)."""
+    looks = rounds.looks()
+    reach = {}
+    for look in played[-1].looks if played else ():
+        index = look_index(rounds, look.seeds)
+        reach[look.claim] = looks[index + 1] if look.state == UNDECIDED and index + 1 < len(looks) else look.seeds
+    return reach
+
+
 def claim_alpha(correction: str, claims: int) -> float:
     """Each claim's alpha: the level split between the claims unless `report.correction: none`."""
     return SIGNIFICANCE_LEVEL if correction == "none" else SIGNIFICANCE_LEVEL / max(claims, 1)

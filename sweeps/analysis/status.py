@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from mlflow.entities import Run
 
 from bnew_core.config import BnewError
+from sweeps.analysis.rounds import Round, next_reach, recorded_rounds
 from sweeps.core.plan import Plan, build_plan
+from sweeps.core.rounds import round_points
 from sweeps.core.schema import (
     CAP_TAGS,
     CELL_TAG,
@@ -59,6 +61,8 @@ class SweepStatus:
     """Stage key -> its trial runs, newest first."""
     sweep_run_status: str
     """MLflow status of the parent run: RUNNING while a driver runs the sweep."""
+    rounds: list[Round]
+    """The seed rounds the sweep has judged (none without `axes.seed` rounds)."""
 
 
 def sweep_status(name: str, tracking_uri: str, top: int = 10) -> SweepStatus:
@@ -76,7 +80,10 @@ def sweep_status(name: str, tracking_uri: str, top: int = 10) -> SweepStatus:
         raise BnewError(f"{name}: the sweep's parent run has no spec.yaml to plan its stages from")
     spec = parse_spec(stored, f"{name}/spec.yaml")
     caps = {key: int(parent.data.tags[tag]) if parent.data.tags.get(tag) else None for key, tag in CAP_TAGS.items()}
-    plan = build_plan(spec, f"{name}/spec.yaml", **caps)
+    rounds = spec.axes.seed_rounds
+    played = recorded_rounds(parent.data.tags) if rounds else []
+    points = round_points(spec, next_reach(rounds, played)) if rounds else None  # the round it is in
+    plan = build_plan(spec, f"{name}/spec.yaml", **caps, points=points)
     sweep_runs = tracker.trial_runs(experiment_id)
     runs_by_key = tracker.stage_runs(list(plan.stages), sweep_runs)
     templates = searched_templates(plan)  # searched, not run as they are
@@ -104,4 +111,4 @@ def sweep_status(name: str, tracking_uri: str, top: int = 10) -> SweepStatus:
         for run in runs_by_key[key][:1]  # the newest
     ]
     return SweepStatus(plan=plan, counts=counts, best=best, unfinished=unfinished, runs=runs_by_key,
-                       sweep_run_status=parent.info.status)
+                       sweep_run_status=parent.info.status, rounds=played)

@@ -177,8 +177,8 @@ def report_outcome(outcome: "SweepOutcome", plan: "Plan", spec_arg: str) -> None
         + (f"; {searches_line(outcome.searches)}" if outcome.searches else "")
     )
     for word, keys in (("failed", outcome.failed), ("interrupted", outcome.interrupted_stages)):
-        for key in sorted(keys, key=lambda key: plan.stages[key].name):
-            typer.echo(f"{word}: {plan.stages[key].name} (stage {key})", err=True)
+        for key in sorted(keys, key=lambda key: outcome.names[key]):
+            typer.echo(f"{word}: {outcome.names[key]} (stage {key})", err=True)
     browse = ui_hint(plan.spec.resolved_tracking_uri(), plan.spec.name)
     typer.echo(f"results: bnew sweep report {plan.spec.name}; bnew sweep status {plan.spec.name}; MLflow UI: {browse}")
     if outcome.interrupted:
@@ -299,6 +299,8 @@ def status(
     for phase, by_state in result.counts.items():
         counts.add_row(phase, *(str(by_state[state]) for state in STATES))
     console.print(counts)
+    for judged in result.rounds:
+        typer.echo(judged.line())
     show_table("best trials so far (binary test accuracy %)", ("trial", "status", "epoch", "test_acc_binary"),
                [(score.name, score.status, str(score.epoch), f"{score.test_acc_binary:.2f}") for score in result.best],
                whole=("trial",), console=console)

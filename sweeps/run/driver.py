@@ -217,6 +217,7 @@ def run_plan(spec: SweepSpec, plan: Plan, log: Log, address: str | None, local: 
             view = show(pending, outcome.reused) if show else None
             done = set(outcome.reused)
             if restore is not None:
+                outcome.restored = restore
                 interruption.fit(tune.Tuner.restore(restore, trainable(spec), resume_errored=True))
                 done |= set(tracker.finished_stages([stage.key for stage in pending]))
             missing = [stage for stage in pending if stage.key not in done]
@@ -240,6 +241,7 @@ def finish(tracker: Tracker, context: SweepContext, outcome: SweepOutcome, pendi
     Tune has ended every trial by now, so a run still RUNNING belongs to a trial stopped from
     outside (the sweep interrupted, or its process lost for good): it is marked KILLED."""
     runs_by_key = tracker.stage_runs([stage.key for stage in pending], tracker.trial_runs(context.experiment_id))
+    outcome.names = {stage.key: stage.name for stage in pending}
     reason = (f"interrupted ({outcome.interrupted})" if outcome.interrupted
               else "its process ended without recording the end of the run")
     tracker.kill_running_trials(context.experiment_id, runs_by_key, f"{reason}; `bnew sweep resume` continues it")

@@ -25,6 +25,10 @@ class SweepOutcome:
     """Each cell searched to its end by this run."""
     parent_run_id: str = ""
     """The sweep's parent run in MLflow."""
+    names: dict[str, str] = field(default_factory=dict)
+    """Stage key -> stage name, of the stages the run had to train."""
+    restored: str | None = None
+    """The Tune experiment this run restored (`resume`), if it had stages to train and restored one."""
 
     @property
     def complete(self) -> bool:
@@ -38,4 +42,5 @@ class SweepOutcome:
         return SweepOutcome(reused=(self.reused | later.reused) - trained, trained=trained, failed=later.failed,
                             interrupted_stages=later.interrupted_stages, not_run=later.not_run,
                             interrupted=later.interrupted, searches=self.searches + later.searches,
-                            parent_run_id=later.parent_run_id)
+                            parent_run_id=later.parent_run_id, names={**self.names, **later.names},
+                            restored=self.restored or later.restored)

@@ -41,7 +41,9 @@ def run_rounds(spec: SweepSpec, first: Plan, log: Callable[[str], None], run_pla
                                                      round_points(spec, reached))
         log(f"round {number} of at most {len(looks)}: {len(plan.stages)} stages, "
             f"{max(reached.values())} seeds per cell of {'every claim' if number == 1 else 'the undecided claims'}")
-        outcome = run_plan(plan, restore if number == 1 else None)
+        # `resume`: the Tune experiment restored is the stopped round's; earlier rounds replay
+        # from MLflow with nothing to train, so the first round with stages to train restores it
+        outcome = run_plan(plan, None if total is not None and total.restored else restore)
         total = outcome if total is None else total.then(outcome)
         if not outcome.complete:
             return total
