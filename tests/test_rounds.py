@@ -7,7 +7,6 @@ the boundaries."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -16,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -257,6 +257,10 @@ def test_digits_rounds_seed_only_the_undecided_claim_and_stop_when_decided(tmp_p
     assert f"(n={LOOKS[last - 1]})" in line and f"boundary {states[-1]['(c)'].threshold:.3g}" in line
     line = next(line for line in text.splitlines() if line.startswith("| (a) binary"))
     assert "(n=3)" in line
+    claims = pd.read_csv(tmp_path / "report" / "claims.csv")
+    assert set(claims.correction) == {"sequential, bonferroni"} and claims.p_adjusted.isna().all()
+    assert list(claims.n) == [LOOKS[last - 1], 3] and list(claims.threshold) == [states[-1]["(c)"].threshold,
+                                                                                 states[-1]["(a)"].threshold]
 
     # status plans the rounds the sweep ran, every stage of them done, and prints the rounds
     status = bnew("sweep", "status", "rounds.yaml", cwd=tmp_path, env=env)

@@ -12,6 +12,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -113,3 +114,5 @@ def test_the_committed_study_recomputes_from_its_per_seed_values(capsys: pytest.
     assert len(claim_lines) == 5 and all("paired by seed" in line and "boundary" in line for line in claim_lines)
     assert "MDE at n (80% power)" in text and "Rounds: seeds {start: 3, step: 3, max: 12}" in text
     assert "training images: 5000, a random subset (seed 1)" in text
+    claims = pd.read_csv(folder / "claims.csv")
+    assert set(claims.correction) == {"sequential, bonferroni"} and (claims.threshold < 0.05 / 5).all()

@@ -95,7 +95,8 @@ class ClaimResult:
     test: ContrastTest
     adjusted_p: float
     correction: str
-    """report.correction: holm, bh or none."""
+    """report.correction: holm, bh or none; for a claim judged against a seed round's boundary,
+    `sequential, bonferroni` (alpha split between the claims) or `sequential` (correction none)."""
     family: int
     """Claims with a p-value in the report: the family the adjustment is over."""
     paper_effect: float
@@ -320,7 +321,8 @@ def evaluate_claims(results: pd.DataFrame, claims: list[ClaimSpec], paper: dict[
         else:  # judged on the raw p against the boundary: no adjusted p
             adjusted_p = math.nan
             outcome, reason = verdict(test, test.p_value, expected, power, threshold=threshold)
-        evaluated.append(ClaimResult(claim, cells, test, float(adjusted_p), correction, family, expected, power,
+        used = correction if threshold is None else "sequential" + (", bonferroni" if correction != "none" else "")
+        evaluated.append(ClaimResult(claim, cells, test, float(adjusted_p), used, family, expected, power,
                                      outcome, reason, dict(test.seed_contrasts or {}) if test.test == "paired" else {},
                                      threshold.p if threshold else SIGNIFICANCE_LEVEL))
     return evaluated
