@@ -108,6 +108,9 @@ def test_claim_states() -> None:
     assert claim_state(above, 9.0, 2.0, 5, 0, rounds, design) == UNDECIDED  # 5 seeds would do: add them
     assert claim_state(above, 9.0, 2.0, 8, 0, rounds, design) == OUT_OF_REACH  # past max
     assert claim_state(above, 9.0, 2.0, None, 0, rounds, design) == OUT_OF_REACH
+    seeding_all = SeedRounds(start=3, step=2, max=7, skip_out_of_reach=False)
+    assert claim_state(above, 9.0, 2.0, 8, 0, seeding_all, design) == UNDECIDED
+    assert claim_state(above, 1.5, 2.0, 8, 0, seeding_all, design) == NO_EFFECT
     assert claim_state(above, 9.0, 2.0, 8, 2, rounds, design) == UNDECIDED  # the last round: it stays so
     assert claim_state(math.nan, math.nan, 2.0, None, 1, rounds, design) == OUT_OF_REACH
 

@@ -9,7 +9,7 @@ A claim is then
 - `no effect of interest`: not shown, though its seeds had 80% power for the effect of interest
   (the MDE is at or below it): more seeds would chase a smaller effect than the claim cares for;
 - `out of reach`: neither, and even `max` seeds would not give it that power (the observed spread
-  needs more), so seeds spent on it would not decide it;
+  needs more), so seeds spent on it would not decide it (unless `skip_out_of_reach: false`);
 - `undecided`: otherwise; its cells get `step` more seeds next round (at `max`, it stays so).
 Stopping a claim without rejecting never adds false positives, so the last three states may use
 any rule; only `shown` must hold the boundary, and `tests/test_rounds.py` simulates that the
@@ -127,7 +127,8 @@ def claim_state(p_value: float, mde: float, target: float, seeds_needed: int | N
         return SHOWN
     if mde <= target:
         return NO_EFFECT
-    if index < len(rounds.looks()) - 1 and (seeds_needed is None or seeds_needed > rounds.max):
+    beyond_max = seeds_needed is None or seeds_needed > rounds.max
+    if rounds.skip_out_of_reach and beyond_max and index < len(rounds.looks()) - 1:
         return OUT_OF_REACH
     return UNDECIDED
 

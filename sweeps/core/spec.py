@@ -176,6 +176,10 @@ class SeedRounds(StrictModel):
     spending: Literal["obrien_fleming", "pocock"] = "obrien_fleming"
     """How alpha is spent across the rounds: O'Brien-Fleming keeps almost all of it for the last
     round (early rounds stop only on strong evidence), Pocock spends it evenly."""
+    skip_out_of_reach: bool = True
+    """Give no more seeds to a claim that even `max` seeds would not give 80% power for its effect
+    of interest, at the spread observed (it is `out of reach`: those seeds would not decide it);
+    false: every claim not yet decided gets seeds until `max`."""
 
     @model_validator(mode="after")
     def _start_within_max(self) -> "SeedRounds":
