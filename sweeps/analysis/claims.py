@@ -36,6 +36,7 @@ from sweeps.analysis.statistics import (
     welch_contrast,
 )
 from sweeps.analysis.tables import correction_text, natural_key, seed_values_text
+from sweeps.core.schema import tag_value
 from sweeps.core.spec import ClaimSpec, PaperEffect
 from sweeps.records.sweep_runs import TRIAL_COLUMNS
 
@@ -132,31 +133,8 @@ class ClaimResult:
         return self.test.ci95()
 
 
-def tag_value(axis: str, value: Any) -> str:
-    """A spec value as trial tags spell it (distillation `yes`/`no`, numbers as text)."""
-    if axis == "distillation" and isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
-
-
 def where_text(claim: ClaimSpec) -> str:
     return ", ".join(f"{axis}={tag_value(axis, value)}" for axis, value in claim.where.items())
-
-
-def claim_cells(claim: ClaimSpec) -> list[tuple[dict[str, str], int]]:
-    """The compared cells as tag selectors (contrast and versus axes first) with their contrast
-    coefficients."""
-    (axis, (treated, control)), = claim.contrast.items()
-    where = {key: tag_value(key, value) for key, value in claim.where.items()}
-    sides = [({axis: tag_value(axis, treated)}, 1), ({axis: tag_value(axis, control)}, -1)]
-    if not claim.versus:
-        return [({**side, **where}, sign) for side, sign in sides]
-    (versus_axis, (first, second)), = claim.versus.items()
-    return [
-        ({**side, versus_axis: tag_value(versus_axis, value), **where}, sign * versus_sign)
-        for value, versus_sign in ((first, 1), (second, -1))
-        for side, sign in sides
-    ]
 
 
 def paper_effect(claim: ClaimSpec, paper: dict[str, Any]) -> float:
@@ -257,7 +235,7 @@ def verdict(test: ContrastTest, adjusted_p: float, expected: float, power: Power
 def claim_samples(results: pd.DataFrame, claim: ClaimSpec) -> list[CellSample]:
     """The claim's cells from `results` (one row per result run: axis columns, `seed`, `value`)."""
     cells = []
-    for selector, coefficient in claim_cells(claim):
+    for selector, coefficient in claim.cells():
         mask = np.ones(len(results), dtype=bool)
         for axis, value in selector.items():
             mask &= (results[axis] == value).to_numpy() if axis in results else False

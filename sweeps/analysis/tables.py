@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from bnew_core.config import BnewError, format_validation_error
 from sweeps.analysis.statistics import SIGNIFICANCE_LEVEL, ContrastTest, adjust_p_values, contrast_test
 from sweeps.core.plan import grid_points
-from sweeps.core.schema import FINAL_PHASES
+from sweeps.core.schema import FINAL_PHASES, tag_value
 from sweeps.core.spec import ABLATIONS, PAPER_TABLES_PATH, ReportSpec, parse_spec
 from sweeps.records.sweep_runs import TRIAL_COLUMNS, SweepRuns
 
@@ -127,8 +127,7 @@ def point_label(point: dict[str, Any], axes: list[str]) -> str:
     """Label of a grid point as its trials' tags spell it (distillation `yes`/`no`, after the ablation)."""
     def tag(axis: str) -> str:
         if axis == "distillation":
-            distillation = ABLATIONS.get(point["ablation"], {}).get("distillation", point["distillation"])
-            return "yes" if distillation else "no"
+            return tag_value(axis, ABLATIONS.get(point["ablation"], {}).get("distillation", point["distillation"]))
         return str(point.get(axis, ""))
 
     return "/".join(tag(axis) for axis in axes) if axes else NO_COLUMN

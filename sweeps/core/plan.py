@@ -18,7 +18,7 @@ from typing import Any
 
 from bnew_core.config import BnewError, Phase, TrialConfig, build_trial_config
 from sweeps.core.dotted import deep_merge, flatten, nest
-from sweeps.core.schema import FINAL_PHASES, axis_tag
+from sweeps.core.schema import FINAL_PHASES, axis_tag, tag_value
 from sweeps.core.spec import (
     ABLATIONS,
     BNEW_ONLY_ABLATIONS,
@@ -272,7 +272,7 @@ class PlanBuilder:
             "ablation": ablation,
             "seed": str(point["seed"]),
             "budget": str(config.get("epochs", TrialConfig.model_fields["epochs"].default)),
-            "distillation": "yes" if distillation else "no",
+            "distillation": tag_value("distillation", distillation),
         }
         if not prerequisite:
             axes.update({key: str(point[key]) for key in self.spec.axes.params if key in point})

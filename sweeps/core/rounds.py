@@ -8,14 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from sweeps.core.plan import Plan, build_plan, grid_points
+from sweeps.core.schema import tag_value
 from sweeps.core.spec import ClaimSpec, SweepSpec
 
 
 def claim_covers(claim: ClaimSpec, point: dict[str, Any]) -> bool:
     """Whether `point` is in one of the cells `claim` compares."""
-    compared = {**claim.contrast, **claim.versus}
-    return (all(point.get(axis) == value for axis, value in claim.where.items())
-            and all(point.get(axis) in values for axis, values in compared.items()))
+    return any(all(tag_value(axis, point.get(axis)) == value for axis, value in selector.items())
+               for selector, _ in claim.cells())
 
 
 def round_points(spec: SweepSpec, reached: dict[str, int]) -> list[dict[str, Any]]:

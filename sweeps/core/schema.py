@@ -60,6 +60,13 @@ def quote(value: str) -> str:
     return "'" + value.replace("'", "\\'") + "'"
 
 
+def tag_value(axis: str, value: Any) -> str:
+    """A spec value as trial tags spell it (distillation `yes`/`no`, numbers as text)."""
+    if axis == "distillation" and isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
 def axis_tag(axis: str) -> str:
     """The tag of a grid axis (`bnew.optimiser`) or of an `axes.params` key (`bnew.param.lr`)."""
     return f"{TAG_PREFIX}{axis}" if axis in (*AXES, "grid", "stage") else f"{PARAM_TAG_PREFIX}{axis}"

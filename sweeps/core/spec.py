@@ -39,7 +39,7 @@ from bnew_core.config import (
 )
 from sweeps.core.addresses import is_local, local_folder
 from sweeps.core.dotted import deep_merge, flatten
-from sweeps.core.schema import AXES
+from sweeps.core.schema import AXES, tag_value
 
 PRESET_DIR = Path(__file__).parent.parent / "presets"
 PAPER_TABLES_PATH = Path(__file__).parent.parent / "paper_tables.json"
@@ -361,6 +361,21 @@ class ClaimSpec(StrictModel):
 
     def axes(self) -> set[str]:
         return {*self.contrast, *self.versus, *self.where}
+
+    def cells(self) -> list[tuple[dict[str, str], int]]:
+        """The compared cells as selectors of tag text (contrast and versus axes first, then
+        `where`), each with its contrast coefficient."""
+        (axis, (treated, control)), = self.contrast.items()
+        where = {key: tag_value(key, value) for key, value in self.where.items()}
+        sides = [({axis: tag_value(axis, treated)}, 1), ({axis: tag_value(axis, control)}, -1)]
+        if not self.versus:
+            return [({**side, **where}, sign) for side, sign in sides]
+        (versus_axis, (first, second)), = self.versus.items()
+        return [
+            ({**side, versus_axis: tag_value(versus_axis, value), **where}, sign * versus_sign)
+            for value, versus_sign in ((first, 1), (second, -1))
+            for side, sign in sides
+        ]
 
 
 class ReportSpec(StrictModel):
