@@ -352,3 +352,30 @@ def test_cluster_launcher_yaml_follows_rays_schema_and_keeps_the_dashboard_local
     for line in launcher["head_start_ray_commands"][-1:] + launcher["worker_start_ray_commands"][-1:]:
         assert "RAY_AUTH_MODE=token" in line and "bnew-sweep.env" in line
     assert launcher["provider"]["type"] == "aws"
+
+
+def apt_archive(etc: Path, which: str) -> subprocess.CompletedProcess:
+    script = f'source {REPO}/cluster/podman/common.sh && apt_archive {which}'
+    env = {**os.environ, "APT_ETC": str(etc), "BNEW_PODMAN_CACHE": str(etc / "cache")}
+    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_image_build_takes_debians_archives_from_this_machines_apt_sources(tmp_path: Path) -> None:
+    """build_images.sh names no mirror of its own: the machine's sources, deb822 or one-line."""
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\n\n"
+        "Types: deb\nURIs: http://mirror.example/debian/\nSuites: trixie trixie-updates\nComponents: main\n\n"
+        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: trixie-security\nComponents: main\n")
+    (tmp_path / "sources.list.d" / "vendor.list").write_text("deb [arch=amd64] https://vendor.example/apt stable-x main\n")
+    assert apt_archive(tmp_path, "main").stdout == "http://mirror.example/debian\n"
+    assert apt_archive(tmp_path, "security").stdout == "http://mirror.example/debian-security\n"
+    (tmp_path / "sources.list.d" / "debian.sources").unlink()
+    (tmp_path / "sources.list").write_text("# deb http://old.example/debian bookworm main\n"
+                                           "deb http://proxy.example:3142/debian bookworm main contrib\n")
+    assert apt_archive(tmp_path, "main").stdout == "http://proxy.example:3142/debian\n"
+    missing = apt_archive(tmp_path, "security")
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr == ("build_images: no Debian security archive in this machine's apt sources; "
+                              "set DEBIAN_SECURITY_MIRROR to one\n")
+    assert "deb.debian.org" not in (REPO / "cluster" / "podman" / "build_images.sh").read_text()

@@ -10,12 +10,14 @@
 # debootstrap tarball and the wheels the image installs (`pip download` here, with this machine's
 # pip configuration, then mounted into the build: nothing is fetched inside a container but
 # Debian's packages). A second run rebuilds only what changed (podman's layer cache).
-#   cluster/podman/build_images.sh          env: DEBIAN_MIRROR (http://deb.debian.org/debian)
+#   cluster/podman/build_images.sh          env: DEBIAN_MIRROR, DEBIAN_SECURITY_MIRROR (default: the
+#                                           archives this machine's own apt sources name)
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
+MIRROR=${DEBIAN_MIRROR:-$(apt_archive main)}
+SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-$(apt_archive security)}
 setup_podman
 cd "$REPO"
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 RAY_VERSION=$(sed -n 's/^ARG RAY_VERSION=//p' cluster/Dockerfile)
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE=localhost/bnew-sweep:$VERSION-ray$RAY_VERSION
@@ -41,7 +43,7 @@ if [ ! -s "$CACHE/debian-bookworm.tar" ]; then
     cat >"$CACHE/rootfs/etc/apt/sources.list" <<SOURCES
 deb $MIRROR bookworm main
 deb $MIRROR bookworm-updates main
-deb ${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security} bookworm-security main
+deb $SECURITY_MIRROR bookworm-security main
 SOURCES
     # No service starts while a package installs (there is no init in a build).
     printf '#!/bin/sh\nexit 101\n' >"$CACHE/rootfs/usr/sbin/policy-rc.d" && chmod 755 "$CACHE/rootfs/usr/sbin/policy-rc.d"

@@ -69,3 +69,40 @@ setup_podman() {
     write_containers_conf
     ensure_podman_compose
 }
+
+# The Debian archive (and its security archive) this machine's apt uses: debootstrap and the image's
+# apt then go through whatever mirror or proxy the machine is set up with, and the repo names no host.
+# One-line (sources.list, *.list) and deb822 (*.sources) entries; a suite ending in -security is
+# the security archive, one that is a Debian release's codename (or -updates) the main one.
+# APT_ETC: another apt configuration folder than /etc/apt.
+apt_archive() {  # apt_archive main|security
+    local etc=${APT_ETC:-/etc/apt}
+    python3 - "$1" "$etc/sources.list" "$etc"/sources.list.d/*.list "$etc"/sources.list.d/*.sources <<'PYTHON'
+import re, sys
+from pathlib import Path
+RELEASES = {"buster", "bullseye", "bookworm", "trixie", "forky", "sid", "stable", "testing", "unstable"}
+wanted, entries = sys.argv[1], []
+for path in map(Path, sys.argv[2:]):
+    if not path.is_file():
+        continue
+    text = path.read_text()
+    if path.suffix == ".sources":
+        for stanza in re.split(r"\n\s*\n", text):
+            fields = dict(re.findall(r"^([A-Za-z-]+):[ \t]*(.*)$", stanza, re.M))
+            if "deb" in fields.get("Types", "").split() and fields.get("Enabled", "yes") != "no":
+                entries += [(uri, suite) for uri in fields.get("URIs", "").split() for suite in fields.get("Suites", "").split()]
+    else:
+        for line in text.splitlines():
+            match = re.match(r"\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line)
+            if match:
+                entries.append(match.groups())
+for uri, suite in entries:
+    release, _, pocket = suite.partition("-")
+    if release in RELEASES and (pocket == "security" if wanted == "security" else pocket in ("", "updates")):
+        print(uri.rstrip("/"))
+        break
+else:
+    sys.exit(f"build_images: no Debian {wanted} archive in this machine's apt sources; set "
+             f"{'DEBIAN_SECURITY_MIRROR' if wanted == 'security' else 'DEBIAN_MIRROR'} to one")
+PYTHON
+}
