@@ -141,3 +141,14 @@ base: {data: {val_size: 100}}
     shown = CliRunner().invoke(app, ["sweep", "plan", str(spec_path), "--no-lookup"])
     assert shown.exit_code == 0, shown.output
     assert "search (2 cells)" in shown.stdout and f"{2 * 21 + 2 * 3} trials" in shown.stdout
+
+
+def test_an_oversized_grid_is_refused_naming_its_largest_axes(tmp_path, monkeypatch) -> None:
+    """A mistyped seed range (3,000 seeds of the demo's 4 optimisers): one line, exit 2, naming the
+    axis that makes the grid so large and its count, largest first; single-valued axes are not named."""
+    monkeypatch.setenv("BNEW_PROJECT_DIR", str(tmp_path))
+    seeds = ",".join(map(str, range(3000)))
+    refused = CliRunner().invoke(app, ["sweep", "plan", "demo", "--set", f"axes.seed=[{seeds}]", "--no-lookup"])
+    assert refused.exit_code == 2 and refused.stdout == ""
+    assert refused.stderr == ("error: axes: 12000 trials, more than 1000 (axes.seed has 3000 values, axes.optimiser "
+                              "has 4 values); a mistyped axis? `--yes` plans and runs a grid this size\n")

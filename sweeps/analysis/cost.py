@@ -212,15 +212,16 @@ def estimate(plan: Plan, todo: set[str], slots: int, slots_from: str, tracker: T
     stages = [plan.stages[key] for key in plan.stages if key in todo and key not in templates]
     searched = [(cell.templates[0], plan.spec.search.samples * len(cell.templates)) for cell in tuned_cells(plan)]
     experiment_ids = tracker.all_experiment_ids() if tracker else []
+    # Each stage's workload once: it flattens the stage's whole config.
+    loads = {stage.key: workload(stage, plan.spec.resources.gpu) for stage in [*stages, *(t for t, _ in searched)]}
     times: dict[Workload, StageTime | None] = {}
-    for stage in [*stages, *(template for template, _ in searched)]:
-        load = workload(stage, plan.spec.resources.gpu)
+    for load in loads.values():
         if load not in times:
             times[load] = ((measured_time(tracker, experiment_ids, load) if tracker else None)
                            or bench_time(load, plan.spec.resources.cpu))
 
     def seconds(stage: Stage) -> float | None:
-        time = times[workload(stage, plan.spec.resources.gpu)]
+        time = times[loads[stage.key]]
         return None if time is None else time.seconds(stage.epochs)
 
     jobs = [(stage.phase, stage, 1) for stage in stages] + [("search", template, n) for template, n in searched]

@@ -146,6 +146,17 @@ def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     return list(unique.values())
 
 
+def grid_factors(spec: SweepSpec) -> dict[str, int]:
+    """What multiplies the sweep's trials, by spec key (`axes.seed`, `axes.params.lr`, and
+    `search.samples` where a search tunes a param) -> its count, largest first: the refusal of an
+    oversized grid names the axis that makes it so."""
+    factors = {f"axes.{axis}": len(spec.axes.values(axis)) for axis in FIXED_AXES}
+    factors.update({f"axes.params.{key}": len(values) for key, values in spec.crossed_params().items()})
+    if spec.search is not None and spec.tuned_params():
+        factors["search.samples"] = spec.search.samples
+    return dict(sorted(factors.items(), key=lambda item: -item[1]))
+
+
 def check_combination(point: dict[str, Any], source: str) -> None:
     """Reject points no trainer config can express, naming the axis and the fix."""
     ablation, optimiser = point["ablation"], point["optimiser"]

@@ -8,7 +8,7 @@ from typing import Any
 
 from bnew_core.config import BnewError
 from sweeps.core.addresses import check_tracking_reaches, is_local, local_folder
-from sweeps.core.plan import MAX_TRIALS, Plan, missing_data
+from sweeps.core.plan import MAX_TRIALS, Plan, grid_factors, missing_data
 from sweeps.core.search import trial_count
 from sweeps.core.spec import SweepSpec
 from sweeps.records.store import check_tracking_uri
@@ -16,11 +16,15 @@ from sweeps.records.store import check_tracking_uri
 
 def check_size(spec: SweepSpec, points: list[dict[str, Any]], yes: bool) -> None:
     """More than `MAX_TRIALS` trials need `yes`, counted from the grid's points before any stage is
-    built: a mistyped seed range is refused in a second, not planned for minutes."""
+    built: a mistyped seed range is refused in a second, not planned for minutes, naming the
+    largest axes (`axes.seed has 25000 values`)."""
     trials = trial_count(spec, points)
     if trials > MAX_TRIALS and not yes:
-        raise BnewError(f"axes: {trials} trials, more than {MAX_TRIALS}; a mistyped axis? `--yes` plans and runs "
-                        "a grid this size")
+        largest = [f"{key} is {count}" if key == "search.samples" else f"{key} has {count} values"
+                   for key, count in grid_factors(spec).items() if count > 1][:3]
+        named = f" ({', '.join(largest)})" if largest else ""
+        raise BnewError(f"axes: {trials} trials, more than {MAX_TRIALS}{named}; a mistyped axis? `--yes` plans and "
+                        "runs a grid this size")
 
 
 def check_sweep(plan: Plan, on_this_machine: bool, tracking: bool = True, data: bool = True) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from sweeps.core.plan import Stage
-from sweeps.core.schedule import critical_path_order
+from sweeps.core.schedule import ReadyQueue, critical_path_order
 from sweeps.run.events import STAGE_FAILED
 from sweeps.run.trial import SweepContext
 
@@ -28,19 +28,21 @@ class StageScheduler(Searcher):
         self.done, self.failed = set(done), set()
         self.trial_stage: dict[str, str] = {}
         """Tune trial id -> stage key."""
+        self.ready: ReadyQueue | None = None
+        """Built from the state above when first needed (also after `restore`); not saved."""
 
-    def ready(self) -> list[str]:
-        submitted = set(self.trial_stage.values())
-        return [
-            key for key in self.order
-            if key not in submitted and all(i in self.done for i in self.stages[key]["inputs"].values())
-        ]
+    def ready_queue(self) -> ReadyQueue:
+        if self.ready is None:
+            inputs = {key: list(stage["inputs"].values()) for key, stage in self.stages.items()}
+            self.ready = ReadyQueue(self.order, inputs, self.done, set(self.trial_stage.values()))
+        return self.ready
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        ready = self.ready()
+        ready = self.ready_queue()
         if ready:
-            self.trial_stage[trial_id] = ready[0]
-            return {"stage": self.stages[ready[0]], "sweep": self.context}
+            key = ready.pop()
+            self.trial_stage[trial_id] = key
+            return {"stage": self.stages[key], "sweep": self.context}
         running = set(self.trial_stage.values()) - self.done - self.failed
         return None if running else self.FINISHED
 
@@ -48,17 +50,20 @@ class StageScheduler(Searcher):
         key = self.trial_stage[trial_id]
         if error or (result or {}).get(STAGE_FAILED):
             self.failed.add(key)
-        else:
-            self.done.add(key)
-            self.failed.discard(key)  # an errored trial resumed by `bnew sweep resume`
+            return
+        if key not in self.done:
+            self.ready_queue().finish(key)
+        self.done.add(key)
+        self.failed.discard(key)  # an errored trial resumed by `bnew sweep resume`
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as file:
-            pickle.dump(self.__dict__, file)
+            pickle.dump({name: value for name, value in self.__dict__.items() if name != "ready"}, file)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as file:
             self.__dict__.update(pickle.load(file))
+        self.ready = None
 
 
 def trial_name(trial: Any) -> str:
