@@ -76,7 +76,8 @@ class LoopbackCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    """Until `condition()`; `timeout` only catches a hang (Ray's start takes minutes on a busy machine)."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

@@ -69,7 +69,7 @@ def tiny(output_dir: Path, **fields: Any) -> TrialConfig:
 # CUDA reads CUDA_VISIBLE_DEVICES once, when it starts, so hiding the GPUs of a GPU machine takes a
 # fresh process; it is also what a Ray trial without a GPU sees when its node sets it empty.
 NO_GPU_SCRIPT = """
-import json, sys, time
+import json, sys
 from pathlib import Path
 from bnew_core.config import BnewError, TrialConfig
 from bnew_core.train import train
@@ -79,17 +79,16 @@ out = Path(sys.argv[1])
 # imagefolder without its folders: had the data loaded first, this would fail on data.root.
 cuda = TrialConfig.model_validate({"data": {"name": "imagefolder", "root": str(out / "nothing")}, "phase": "pretrain",
                                    "device": "cuda", "output_dir": str(out / "cuda")})
-started = time.perf_counter()
 try:
     train(cuda)
     error = None
 except BnewError as exc:
     error = str(exc)
-seconds = time.perf_counter() - started
 print("RESULT-LINE-FOLLOWS", flush=True)
 sees = SeesDevice()
 result = train(tiny(out / "auto", device="auto"), callbacks=[sees])
-print(json.dumps({"error": error, "seconds": seconds, "seen": sees.seen, "result": result.extra["device"].record()}))
+print(json.dumps({"error": error, "cuda_wrote": (out / "cuda").exists(), "seen": sees.seen,
+                  "result": result.extra["device"].record()}))
 """
 
 
@@ -111,8 +110,7 @@ def test_cuda_without_a_gpu_fails_at_once_naming_device(without_a_gpu: tuple[dic
     assert report["error"] == (
         "device: cuda requested but no CUDA device visible (CUDA_VISIBLE_DEVICES=''); use device: auto "
         "(the CPU when no GPU is there) or cpu, or run the trial where a GPU is visible")
-    assert report["seconds"] < 1.0  # before the data, the model, anything (measured: under 1 ms)
-    print(f"cuda refused after {report['seconds']:.3f} s")
+    assert not report["cuda_wrote"]  # before the data (its error would name data.root), the model, anything
 
 
 def test_auto_without_a_gpu_trains_on_the_cpu_and_says_why(without_a_gpu: tuple[dict, list[str]]) -> None:

@@ -69,15 +69,17 @@ def test_a_waiting_trial_links_the_run_that_finished_its_stage(tracker: Tracker)
     holder = Lease(tracker, "shared", "other", "placeholder")
     assert holder.claim() is None
 
+    waits: list[str] = []
+    waiting = threading.Event()
+
     def finish_elsewhere() -> None:
-        time.sleep(1)
+        assert waiting.wait(300)  # once the trial below waits for it
         run = tracker.client.create_run(experiment_id, tags={"bnew.stage_key": "shared", "bnew.role": "trial"})
         tracker.client.set_terminated(run.info.run_id, "FINISHED")
         holder.release()
 
-    waits: list[str] = []
     threading.Thread(target=finish_elsewhere).start()
-    held = Lease(tracker, "shared", "mine", "run-mine").hold(lambda h: waits.append(h.sweep))
+    held = Lease(tracker, "shared", "mine", "run-mine").hold(lambda h: (waits.append(h.sweep), waiting.set()))
     assert held.finished is not None and held.finished.info.experiment_id == experiment_id
     assert waits == ["other"]
 
@@ -87,14 +89,16 @@ def test_a_stage_that_failed_for_good_fails_the_waiting_trial_with_its_reason(tr
     holder = Lease(tracker, "bad", "other", run_id)
     assert holder.claim() is None
 
+    waiting = threading.Event()
+
     def fail_for_good() -> None:
-        time.sleep(1)
+        assert waiting.wait(300)  # once the trial below waits for it
         tracker.fail_trial(run_id, "BnewError: diverged", final=True)
         holder.release()
 
     threading.Thread(target=fail_for_good).start()
     with pytest.raises(BnewError, match=f"stage failed in sweep other \\(run {run_id}\\): BnewError: diverged"):
-        Lease(tracker, "bad", "mine", "run-mine").hold(lambda h: None)
+        Lease(tracker, "bad", "mine", "run-mine").hold(lambda h: waiting.set())
 
 
 # --- real sweeps, one driver each --------------------------------------------------------------------
@@ -158,7 +162,10 @@ def test_the_leading_driver_killed_mid_stage_the_other_sweep_takes_it_over(tmp_p
         time.sleep(1)
     assert runs, leader.stdout.read() if leader.poll() is not None else "the leader never checkpointed"
     follower = driver(tmp_path, server, spec("follower", "bnew", 60))
-    time.sleep(5)  # the follower waits on the leader's lease
+    deadline = time.time() + 600
+    while (follower.poll() is None and time.time() < deadline
+           and not any("bnew.waiting_for_run" in run.data.tags for run in pretrain_runs(server))):
+        time.sleep(1)  # until the follower waits on the leader's lease
     os.killpg(leader.pid, signal.SIGKILL)  # its driver, local Ray and trial: heartbeats stop
     leader.wait()
     output = follower.communicate(timeout=900)[0]

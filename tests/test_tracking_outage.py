@@ -41,7 +41,7 @@ class Server:
              "--backend-store-uri", f"sqlite:///{self.state / 'mlflow.db'}", "--serve-artifacts",
              "--artifacts-destination", str(self.state / "artifacts"), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300  # a hang, not a slow start: a busy 2-core machine needs minutes
         while time.monotonic() < deadline:
             try:
                 urllib.request.urlopen(f"{self.uri}/health", timeout=2)
