@@ -3,11 +3,15 @@ real-valued variant, and the real-valued WRN-22-1 teacher."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from .binarise import SignActivation
-from .config import ModelConfig
+from .checkpoint import MODEL_FORMAT, load_file
+from .config import ModelConfig, TrialConfig, build_trial_config
 
 
 class LearnableBias(nn.Module):
@@ -161,3 +165,23 @@ def build_model(config: ModelConfig, in_channels: int, num_classes: int) -> Bina
     if config.arch == "wrn22_1":
         return WideResNet(in_channels, num_classes)
     return BinaryResNet20(config, in_channels, num_classes)
+
+
+@dataclass
+class TrainedModel:
+    """A finished trial's `model.pt`: the network in eval mode, its config and data shape."""
+
+    network: BinaryResNet20 | WideResNet
+    config: TrialConfig
+    in_channels: int
+    num_classes: int
+    path: Path
+
+
+def load_trained(path: Path) -> TrainedModel:
+    """The network of a trainer `model.pt`, in eval mode; a one-line `BnewError` if it cannot be read."""
+    saved = load_file(path, MODEL_FORMAT, "model")
+    config = build_trial_config(saved["config"], str(path))
+    network = build_model(config.model, saved["in_channels"], saved["num_classes"])
+    network.load_state_dict(saved["model"])
+    return TrainedModel(network.eval(), config, saved["in_channels"], saved["num_classes"], path)

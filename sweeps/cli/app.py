@@ -12,6 +12,7 @@ import typer
 
 from bnew_core.callbacks import Callback, Metrics
 from sweeps.cli.common import parse_set_option, user_errors
+from sweeps.cli.export import register_export_commands
 from sweeps.cli.jobs import register_job_commands
 from sweeps.cli.sweep import sweep_app
 
@@ -125,3 +126,4 @@ def train(
 
 app.add_typer(sweep_app, name="sweep")
 register_job_commands(sweep_app)
+register_export_commands(app, sweep_app)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, Metric, Param, Run
@@ -43,6 +43,7 @@ MODEL_NAME = "model"
 MODEL_METRICS = ("test_acc_binary", "test_acc_float", "train_acc", "loss")
 """The last epoch's metrics linked to the logged model (one history request each)."""
 DATA_SOURCES = {"digits": "sklearn.datasets.load_digits", "synthetic": "bnew_core.data.load_synthetic"}
+TRAIN_CONTEXT = InputTag("mlflow.data.context", "train")
 
 
 def driver_source_tags(command: str) -> dict[str, str]:
@@ -76,6 +77,19 @@ def record_sweep(client: MlflowClient, experiment_id: str, parent_run_id: str, d
         client.set_tag(parent_run_id, key, value)
 
 
+def record_sweep_datasets(client: MlflowClient, parent_run_id: str, stages: Iterable[Stage]) -> None:
+    """The datasets of the sweep's stages, as inputs of its parent run, before any trial starts.
+
+    MLflow's SQL store adds a dataset to an experiment by looking it up, then inserting it: of
+    two trials that log the same new dataset at once, one can lose with the store's unique-key
+    error (BAD_REQUEST, which MLflow's client does not retry) and fail its attempt. Added here
+    first, the dataset is one the experiment's trials and links find, and none of them inserts it."""
+    datasets = {(dataset.name, dataset.digest): dataset for dataset in map(dataset_entity, stages)}
+    if datasets:
+        client.log_inputs(parent_run_id, datasets=[DatasetInput(dataset, tags=[TRAIN_CONTEXT])
+                                                   for dataset in datasets.values()])
+
+
 def axis_params(role: Role) -> list[Param]:
     """The role's axes (`bnew.optimiser`, `bnew.param.optimiser.lambda_rate`) as `axis.*` params."""
     axes = {axis: role.tags[axis_tag(axis)] for axis in AXES if axis_tag(axis) in role.tags}
@@ -104,8 +118,7 @@ def record_trial(client: MlflowClient, run_id: str, stage: Stage, role: Role, so
     client.log_batch(run_id, params=axis_params(role))
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
-    context = InputTag("mlflow.data.context", "train")
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset_entity(stage), tags=[context])])
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset_entity(stage), tags=[TRAIN_CONTEXT])])
 
 
 def record_reused(client: MlflowClient, source: Run, run_id: str, role: Role) -> None:
@@ -120,14 +133,9 @@ def record_reused(client: MlflowClient, source: Run, run_id: str, role: Role) ->
 
 def load_trainer_model(path: Path) -> Any:
     """The network saved in a trainer `model.pt`, in eval mode."""
-    from bnew_core.checkpoint import MODEL_FORMAT, load_file  # heavy: torch, for the driver's commands that never log a model
-    from bnew_core.models import build_model  # heavy: torch
+    from bnew_core.models import load_trained  # heavy: torch, for the driver's commands that never log a model
 
-    saved = load_file(path, MODEL_FORMAT, "model")
-    config = build_trial_config(saved["config"], str(path))
-    model = build_model(config.model, saved["in_channels"], saved["num_classes"])
-    model.load_state_dict(saved["model"])
-    return model.eval()
+    return load_trained(path).network
 
 
 @contextlib.contextmanager
