@@ -5,6 +5,7 @@ take one bit each; a tampered export is refused; the commands export files and r
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -15,6 +16,7 @@ import pytest
 pytest.importorskip("openvino", reason="OpenVINO is the `export` extra: pip install 'bnew-sweep[export]'")
 
 import openvino as ov  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
@@ -40,6 +42,8 @@ from bnew_core.export import (  # noqa: E402
 )
 from bnew_core.models import build_model, load_trained  # noqa: E402
 from bnew_core.train import train  # noqa: E402
+from sweeps.analysis.report import write_report  # noqa: E402
+from sweeps.analysis.tables import SIZE_HEADER, bytes_text  # noqa: E402
 from sweeps.cli import app  # noqa: E402
 from sweeps.core.schema import REUSED_FROM_TAG, ROLE_TAG, SWEEP_TAG  # noqa: E402
 from sweeps.records.tracker import Tracker  # noqa: E402
@@ -320,3 +324,55 @@ def test_bench_export_runs_in_a_tiny_mode(capsys: pytest.CaptureFixture) -> None
     assert report["sizes"]["binary weights, 1 bit each"] == BLOCK_WEIGHTS // 8
     assert report["agreement"]["binary IR"]["unexplained_images"] == 0
     assert report["agreement"]["float IR"]["unexplained_images"] == 0
+
+
+def test_the_report_shows_each_exported_models_bytes_beside_its_accuracy(exported, tmp_path: Path) -> None:
+    """Two architectures (different model.bin and binary weight bytes) and a trial linked to another
+    sweep's run: after `bnew sweep export`, every quantise row of the report's table shows the bytes
+    logged on the run holding its model; before it, the table has no such column."""
+    baseline_model, _ = exported
+    wider_model = fabricated(tmp_path / "wider", binary_first_last=True, binary_bottleneck=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    source = trial_run(tracker, tracker.experiment_id("source"), "g/ste/no_prelu/seed0", 0, 75.0, baseline_model,
+                       **{"bnew.ablation": "no_prelu"})
+    experiment_id = tracker.experiment_id("reported")
+    parent = tracker.client.create_run(experiment_id, run_name="reported", tags={ROLE_TAG: "sweep", SWEEP_TAG: "reported"})
+    tracker.client.log_text(parent.info.run_id, "report: {rows: [ablation], columns: [optimiser]}\n", "spec.yaml")
+    tracker.client.set_terminated(parent.info.run_id)
+    digits = {"bnew.dataset": "digits"}
+    holders = {"baseline": [trial_run(tracker, experiment_id, f"g/ste/baseline/seed{seed}", seed, 80.0 + seed,
+                                      baseline_model, **digits) for seed in (0, 1)],
+               "binary_first_last": [trial_run(tracker, experiment_id, "g/ste/binary_first_last/seed0", 0, 70.0,
+                                               wider_model, **digits, **{"bnew.ablation": "binary_first_last"})],
+               "no_prelu": [source]}
+    trial_run(tracker, experiment_id, "g/ste/no_prelu/seed0", 0, 75.0, None,
+              **digits, **{"bnew.ablation": "no_prelu", REUSED_FROM_TAG: source.info.run_id})
+
+    before = write_report(uri, "reported", tmp_path / "before", log_artifacts=False)
+    assert SIZE_HEADER not in before.text and "model_bin_bytes" not in write_report(
+        uri, "reported", tmp_path / "before", fmt="csv", log_artifacts=False).text
+    result = CliRunner().invoke(app, ["sweep", "export", "reported", "--out", str(tmp_path / "out"), "--tracking-uri", uri])
+    assert result.exit_code == 0 and "exported 4 of 4 trials" in result.output, result.output
+
+    report = write_report(uri, "reported", tmp_path / "after", log_artifacts=False)
+    assert f"| ablation | ste | {SIZE_HEADER} |" in report.text and "export_model_bin_bytes" in report.text
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in report.text.splitlines() if line.startswith("| ")}
+    shown = set()
+    for row, runs in holders.items():
+        logged = [tracker.client.get_run(run.info.run_id).data.metrics for run in runs]
+        model_bytes = {metrics["export_model_bin_bytes"] for metrics in logged}
+        weight_bytes = {metrics["export_binary_weight_bytes"] for metrics in logged}
+        assert len(model_bytes) == len(weight_bytes) == 1  # the seeds of one architecture export alike
+        (model_bin,), (weights,) = model_bytes, weight_bytes
+        assert rows[row].endswith(f" | {bytes_text(pd.Series([model_bin]))} (1-bit weights "
+                                  f"{bytes_text(pd.Series([weights]))}; float32 {int(32 * weights):,}) |"), rows[row]
+        shown.add(model_bin)
+    assert len(shown) == 2  # two architectures, two sizes: the rows show their own runs' numbers
+    assert (tmp_path / "out" / "g/ste/baseline/seed0" / "model.bin").stat().st_size in shown
+
+    csv = pd.read_csv(io.StringIO(write_report(uri, "reported", tmp_path / "after", fmt="csv",
+                                               log_artifacts=False).text)).set_index("row")
+    for row, runs in holders.items():
+        assert csv.loc[row, "model_bin_bytes"] == tracker.client.get_run(runs[0].info.run_id).data.metrics[
+            "export_model_bin_bytes"]

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
 from bnew_core.config import BnewError, format_validation_error
@@ -28,6 +29,7 @@ from sweeps.analysis.statistics import SIGNIFICANCE_LEVEL, ContrastTest, adjust_
 from sweeps.core.plan import grid_points
 from sweeps.core.schema import FINAL_PHASES, tag_value
 from sweeps.core.spec import ABLATIONS, PAPER_TABLES_PATH, ReportSpec, parse_spec
+from sweeps.records.model_exports import BINARY_WEIGHTS_METRIC, size_metric
 from sweeps.records.sweep_runs import TRIAL_COLUMNS, SweepRuns
 
 REAL = "real"
@@ -38,6 +40,12 @@ PAPER_DATASET = "cifar100"
 """Every table of the paper is CIFAR-100: paper values are shown beside CIFAR-100 tables only."""
 NO_COLUMN = "all"
 """Column label of a table whose layout has no column axes."""
+SIZE_METRICS = {"model_bin_bytes": size_metric("model.bin"), "binary_weight_bytes": BINARY_WEIGHTS_METRIC}
+"""Columns of `Table.runs` holding what `bnew sweep export` logged on the run holding each
+trial's model: the exported model.bin's bytes and the bytes of its 1-bit binary weights."""
+RUN_COLUMNS = ["run_id", "row", "column", "seed", "value", *SIZE_METRICS]
+SIZE_HEADER = "model.bin bytes"
+"""Header of the column beside each column label once any run of the table was exported."""
 
 
 class ReportError(BnewError):
@@ -74,7 +82,8 @@ class Table:
     alpha), paper_mean, paper_std, status (`ok`; `missing`: planned, no finished run; `n/a`: not
     planned, no run)."""
     runs: pd.DataFrame
-    """Finished runs behind the cells: run_id, row, column, seed, value."""
+    """Finished runs behind the cells: run_id, row, column, seed, value, and SIZE_METRICS (NaN:
+    not exported)."""
     without_validation: int = 0
     """Result runs that `select: best_val` found no validation history in (they report their final epoch)."""
 
@@ -219,7 +228,7 @@ def build_table(
         .dropna(subset=["value"])
         .sort_values("start_time")
         .drop_duplicates(["row", "column", "seed"], keep="last")  # a re-run replaces its predecessor
-        [["run_id", "row", "column", "seed", "value"]]
+        .reindex(columns=RUN_COLUMNS)
         .reset_index(drop=True)
     )
 
@@ -278,6 +287,29 @@ def report_layout(sweep: SweepRuns, select: str | None = None) -> ReportSpec:
     return layout if select is None else layout.model_copy(update={"select": select})
 
 
+def holder_metrics(sweep: SweepRuns, run_id: str) -> dict[str, float]:
+    """The metrics of a run outside the sweep's trials (one a linked trial reused); {} if the store lost it."""
+    try:
+        return dict(sweep.tracker.client.get_run(run_id).data.metrics)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":  # an unreachable store: the caller's to report
+            raise
+        return {}
+
+
+def export_sizes(sweep: SweepRuns, trials: pd.DataFrame) -> pd.DataFrame:
+    """SIZE_METRICS of each finished quantise trial's exported model, read from the run holding
+    its model (a linked trial's is the run it reused, maybe another sweep's); NaN where none."""
+    metrics = dict(zip(sweep.trials.run_id, sweep.trials.metrics))
+    exportable = trials[(trials.stage != REAL) & (trials.status == "FINISHED")]
+    metrics |= {holder: holder_metrics(sweep, holder) for holder in set(exportable.model_run_id) - set(metrics)}
+    return pd.DataFrame(
+        [{column: metrics[holder].get(metric, math.nan) for column, metric in SIZE_METRICS.items()}
+         for holder in exportable.model_run_id],
+        index=exportable.index, columns=list(SIZE_METRICS), dtype=float,
+    ).reindex(trials.index)
+
+
 def result_trials(sweep: SweepRuns, layout: ReportSpec) -> tuple[pd.DataFrame, int]:
     """The result trials (stages quantise and real) with their reported `value`, and how many of
     them lacked the validation split `select: best_val` needs."""
@@ -291,10 +323,12 @@ def build_tables(
     results: tuple[pd.DataFrame, int] | None = None,
 ) -> list[Table]:
     """One table per grid and dataset: the planned ones and those the sweep's result trials
-    (stages quantise and real) carry. With a readable spec every trial belongs to its grid."""
+    (stages quantise and real) carry, each run with its export's sizes (`export_sizes`). With a
+    readable spec every trial belongs to its grid."""
     layout = layout or report_layout(sweep)
     plan = planned_points(sweep.spec)
     results, without_validation = results or result_trials(sweep, layout)
+    results = results.join(export_sizes(sweep, results))
     if plan:
         results = results.assign(grid=plan[0])
     keys = set(zip(results.grid, results.dataset))
@@ -359,12 +393,40 @@ def has_paper_values(table: Table) -> bool:
     return bool(table.cells.paper_mean.notna().any())
 
 
+def has_exports(table: Table) -> bool:
+    """Whether any run behind the table's cells has an exported model (`bnew sweep export`)."""
+    return bool(table.runs.model_bin_bytes.notna().any())
+
+
+def exported_sizes(table: Table) -> dict[Cell, pd.DataFrame]:
+    """SIZE_METRICS of each cell's exported runs (cells without one left out)."""
+    exported = table.runs.dropna(subset=["model_bin_bytes"])
+    return {key: group[list(SIZE_METRICS)] for key, group in exported.groupby(["row", "column"])}
+
+
+def bytes_text(values: pd.Series) -> str:
+    """`353,644`, or `353,640–353,644` where a cell's exports differ."""
+    low, high = int(values.min()), int(values.max())
+    return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+
+
+def size_text(sizes: pd.DataFrame | None) -> str:
+    """`353,644 (1-bit weights 33,408; float32 1,069,056)`; empty without an export."""
+    if sizes is None:
+        return ""
+    weights = sizes.binary_weight_bytes
+    return (f"{bytes_text(sizes.model_bin_bytes)} (1-bit weights {bytes_text(weights)}; "
+            f"float32 {bytes_text(32 * weights)})")
+
+
 def wide_rows(table: Table, style: TextStyle) -> tuple[list[str], list[list[str]]]:
-    """Header and body of the table as text: a column per label, each followed by the paper's."""
+    """Header and body of the table as text: a column per label, each followed by the paper's
+    and, where the sweep's trials were exported, by the model's bytes."""
     with_paper = has_paper_values(table)
+    sizes = exported_sizes(table) if has_exports(table) else None
     header = [style.escape("/".join(table.layout.rows))]
     for column in table.column_labels:
-        header += [style.escape(column)] + (["paper"] if with_paper else [])
+        header += [style.escape(column)] + (["paper"] if with_paper else []) + ([SIZE_HEADER] if sizes else [])
     body = []
     for row in table.row_labels:
         line = [style.escape(row)]
@@ -373,6 +435,8 @@ def wide_rows(table: Table, style: TextStyle) -> tuple[list[str], list[list[str]
             line.append(cell_text(cell, table.reference in (row, column), style, table.layout.correction))
             if with_paper:
                 line.append(paper_text(cell, style))
+            if sizes:
+                line.append(size_text(sizes.get((row, column))))
         body.append(line)
     return header, body
 
@@ -421,6 +485,12 @@ def table_note(table: Table) -> str:
         note += (f". {'adj. (this table is one family): ' if adjusted else ''}"
                  f"{correction_text(table.layout.correction, len(tested), 'comparison')}; "
                  f"* {'adjusted ' if adjusted else ''}p < {SIGNIFICANCE_LEVEL}.")
+    if has_exports(table):
+        note += (f" {SIZE_HEADER}: the size of model.bin, the weights file of the OpenVINO IR that `bnew sweep "
+                 f"export` wrote for the cell's exported runs ({SIZE_METRICS['model_bin_bytes']}, read from the run "
+                 "holding each model); in brackets the bytes its binary weights take at 1 bit each "
+                 f"({SIZE_METRICS['binary_weight_bytes']}) and what those weights would take as float32 (32 times "
+                 "as many); empty: no exported run.")
     return note + " " + selection_note(table.layout, table.without_validation)
 
 
@@ -463,13 +533,19 @@ def seed_values_text(seeds: Any, values: Any) -> str:
 
 
 def cells_frame(tables: list[Table]) -> pd.DataFrame:
-    """Every cell of every table in long form (the CSV format), with its per-seed values."""
+    """Every cell of every table in long form (the CSV format), with its per-seed values and,
+    where any table has exported runs, the exports' sizes (SIZE_METRICS, `low–high` where they differ)."""
+    columns = CSV_COLUMNS + (list(SIZE_METRICS) if any(has_exports(table) for table in tables) else [])
     frames = []
     for table in tables:
         seeds = {key: seed_values_text(group.seed, group.value) for key, group in table.runs.groupby(["row", "column"])}
+        sizes = exported_sizes(table)
         cells = table.cells.reset_index()
+        keys = list(zip(cells.row, cells.column))
         frames.append(cells.assign(
             grid=table.grid, dataset=table.dataset, reference=table.reference, correction=table.layout.correction,
-            seed_values=[seeds.get(key, "") for key in zip(cells.row, cells.column)],
+            seed_values=[seeds.get(key, "") for key in keys],
+            **{column: [bytes_text(sizes[key][column]).replace(",", "") if key in sizes else "" for key in keys]
+               for column in SIZE_METRICS},
         ))
-    return pd.concat(frames, ignore_index=True)[CSV_COLUMNS] if frames else pd.DataFrame(columns=CSV_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)

@@ -27,6 +27,13 @@ ACCURACY_METRIC = "final_test_acc_binary"
 """What `--best` ranks a cell's trials by (logged when a trial finishes)."""
 CELL_TAGS = tuple(axis_tag(axis) for axis in ("grid", *AXES) if axis != "seed")
 """Tags that place a trial in its cell (with `bnew.param.*`): all its axes but the seed."""
+BINARY_WEIGHTS_METRIC = "export_binary_weight_bytes"
+"""Bytes the exported binary weights take at 1 bit each (float32 would take 32 times as many)."""
+
+
+def size_metric(file_name: str) -> str:
+    """The metric of an exported file's size: `export_model_bin_bytes` for model.bin."""
+    return f"export_{file_name.replace('.', '_')}_bytes"
 
 
 @dataclass
@@ -41,6 +48,7 @@ class ExportTarget:
 
 
 def model_run_id(run: Run) -> str:
+    """The run holding the trial's model.pt and export: the run it reused, else its own."""
     return run.data.tags.get(REUSED_FROM_TAG, run.info.run_id)
 
 
@@ -101,8 +109,8 @@ def log_export(tracker: Tracker, run_id: str, folder: Path, manifest: dict[str, 
     `export_binary_weight_bytes`...) and the check's numbers, if it ran, as `export_*` metrics."""
     tracker.client.log_artifacts(run_id, str(folder), EXPORT_FOLDER)
     values = {
-        **{f"export_{name.replace('.', '_')}_bytes": file["bytes"] for name, file in manifest["files"].items()},
-        "export_binary_weight_bytes": manifest["binary_weights"]["bytes"],
+        **{size_metric(name): file["bytes"] for name, file in manifest["files"].items()},
+        BINARY_WEIGHTS_METRIC: manifest["binary_weights"]["bytes"],
         **{f"export_{key}": value for key, value in (check or {}).items()},
     }
     timestamp = int(time.time() * 1000)

@@ -13,6 +13,7 @@ from mlflow.entities import Run
 
 from bnew_core.config import BnewError
 from sweeps.core.schema import AXES, ERROR_TAG, ROLE_TAG, STAGE_KEY_TAG, TAG_PREFIX
+from sweeps.records.model_exports import model_run_id
 from sweeps.records.tracker import Tracker
 
 TRIAL_COLUMNS = ("grid", "stage", STAGE_KEY_TAG.removeprefix(TAG_PREFIX), *AXES)
@@ -35,8 +36,8 @@ class SweepRuns:
     """The spec stored on the parent run; {} when it has none."""
     trials: pd.DataFrame
     """One row per trial run, any status: run_id, run_name, status, start_time and end_time (ms;
-    end 0 while it runs), metrics (latest value per key), error and every other `bnew.*` tag (at
-    least TRIAL_COLUMNS)."""
+    end 0 while it runs), metrics (latest value per key), model_run_id (the run holding its model
+    and export), error and every other `bnew.*` tag (at least TRIAL_COLUMNS)."""
     parent_tags: dict[str, str] = field(default_factory=dict)
     """The parent run's tags (the rounds of seeds, the estimate, the caps)."""
 
@@ -74,12 +75,13 @@ def trial_frame(runs: list[Run]) -> pd.DataFrame:
             "start_time": run.info.start_time or 0,
             "end_time": run.info.end_time or 0,
             "metrics": dict(run.data.metrics),
+            "model_run_id": model_run_id(run),
             **{tag.removeprefix(TAG_PREFIX): value for tag, value in run.data.tags.items() if tag.startswith(TAG_PREFIX)},
         }
         for run in runs
         if run.data.tags.get(ROLE_TAG) == "trial"
     ]
-    columns = dict.fromkeys(["run_id", "run_name", "status", "start_time", "end_time", "metrics",
+    columns = dict.fromkeys(["run_id", "run_name", "status", "start_time", "end_time", "metrics", "model_run_id",
                              ERROR_TAG.removeprefix(TAG_PREFIX), *TRIAL_COLUMNS])
     columns.update(dict.fromkeys(key for record in records for key in record))
     trials = pd.DataFrame(records, columns=list(columns))
