@@ -1,12 +1,13 @@
 """Seed rounds (`axes.seed: {start, step, max}`): the spec's checks, which cells a round gives
 seeds to, the rules that close a claim, the whole procedure's false-positive rate under the null
-(simulated through the same rules), and on digits through a real local Ray and MLflow store: seeds
-go only to the undecided claim's cells, the sweep stops once every claim is decided, `resume`
-continues a round a failure stopped, replaying the earlier ones, and the report gives the rounds and
-the boundaries."""
+(simulated through the same rules), and on digits through a real local Ray and MLflow store, with
+the accuracies the claims read set by the test (so the same on every CPU): seeds go only to the
+undecided claim's cells, the sweep stops once every claim is decided, `resume` continues a round a
+failure stopped, replaying the earlier ones, and the report gives the rounds and the boundaries."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -21,7 +22,8 @@ import yaml
 from mlflow import MlflowClient
 from scipy import stats
 
-from bnew_core.config import BnewError
+from bnew_core.callbacks import Callback, TrialResult
+from bnew_core.config import BnewError, TrialConfig
 from sweeps.analysis.claims import MAX_SEEDS, POWER
 from sweeps.analysis.rounds import (
     NO_EFFECT,
@@ -31,13 +33,16 @@ from sweeps.analysis.rounds import (
     ClaimLook,
     Round,
     claim_state,
+    judge_round,
     recorded_rounds,
     round_design,
 )
 from sweeps.analysis.status import sweep_status
 from sweeps.analysis.statistics import SIGNIFICANCE_LEVEL, minimum_detectable_effect, seeds_needed
+from sweeps.analysis.tables import load_paper_tables
 from sweeps.core.rounds import claim_covers, round_points
 from sweeps.core.spec import PRESET_DIR, SeedRounds, SweepSpec, load_spec, parse_spec
+from sweeps.run.trial import METRICS_ENV, forced_metrics, train_forcing_metrics
 
 STUDY = "cifar10-cpu-study"
 
@@ -188,20 +193,94 @@ DIGITS_SPEC = {
     "resources": {"cpu": 1},
     "max_failures": 1,
     "report": {"rows": ["ablation"], "claims": [
-        # ReLU costs ~25 of ~40 points at 3 epochs here, the ReLU network training erratically (a
-        # per-seed sd of ~15 on Ray, one thread a trial): at 3 seeds its MDE (3.3 sd) is far above
-        # the stated 20, which 12 seeds would reach (at any sd from 6 to 22), so it is undecided, and
-        # more seeds decide it (shown, or powered for 20) before the last round.
         {"name": "(c) ReLU instead of PReLU costs points", "contrast": {"ablation": ["no_prelu", "baseline"]},
          "paper_effect": -1.3, "smallest_effect": 20.0},
-        # A stated effect of 0.5 point needs hundreds of seeds at that spread: out of reach at round
-        # 1, so its binary_first_last cell never gets a fourth seed.
         {"name": "(a) binary first and last layers cost points", "contrast": {"ablation": ["binary_first_last",
                                                                                              "baseline"]},
          "paper_effect": -13.3, "smallest_effect": 0.5},
     ]},
 }
 LOOKS = [3, 6, 9, 12]
+BASELINE = [60.0, 62.0, 58.0, 61.0, 59.0, 63.0]
+CONTRASTS = {"no_prelu": [-12.0, -28.0, -20.0, -19.0, -21.0, -20.0], "binary_first_last": [-1.0, 2.0, -4.0]}
+"""The test accuracy each quantise trial reports (`METRICS_ENV`), per seed: the baseline's, and
+each ablation's contrast to it. (c) at 3 seeds: mean -20, sd 8, so p 0.049 (far above round 1's
+boundary 7e-6) and an MDE of 26 > its 20 of interest, which 4 seeds would reach: undecided. At 6
+seeds the sd falls to 5: p 2e-4 < round 2's boundary 0.0014, shown. (a): sd 3, so its 0.5 of
+interest needs 285 seeds: out of reach at round 1, its cell keeps 3 seeds."""
+ROUND_LINES = [
+    "round 1 (up to 3 seeds per cell): (c) undecided at 3 seeds (p=0.0494, boundary 7.16e-06); "
+    "(a) out of reach at 3 seeds (p=0.622, boundary 7.16e-06)",
+    "round 2 (up to 6 seeds per cell): (c) shown at 6 seeds (p=0.000207, boundary 0.0014); "
+    "(a) out of reach at 3 seeds (p=0.622, boundary 7.16e-06)",
+]
+
+
+def forced_accuracies() -> dict[tuple[str, int], float]:
+    """(ablation, seed) -> the test accuracy its quantise trial reports."""
+    values = {("baseline", seed): value for seed, value in enumerate(BASELINE)}
+    return {**values, **{(ablation, seed): BASELINE[seed] + contrast for ablation, contrasts in CONTRASTS.items()
+                         for seed, contrast in enumerate(contrasts)}}
+
+
+def judged_rounds() -> list[Round]:
+    """The rounds `judge_round` gives on the forced accuracies, as the driver runs them."""
+    spec = parse_spec(DIGITS_SPEC, "rounds.yaml")
+    frame = pd.DataFrame([(ablation, str(seed), value) for (ablation, seed), value in forced_accuracies().items()],
+                         columns=["ablation", "seed", "value"])
+    reached = {claim.name: LOOKS[0] for claim in spec.report.claims}
+    played = []
+    for number in (1, 2):
+        judged, _ = judge_round(frame, spec, reached, load_paper_tables(), number)
+        played.append(judged)
+        reached.update({name: LOOKS[number] for name in judged.undecided})
+    return played
+
+
+def test_forced_accuracies_decide_claim_c_in_round_2() -> None:
+    """The values the digits run below reports, through the judging alone: a change in the
+    statistics shows here first."""
+    first, second = judged_rounds()
+    assert [judged.line() for judged in (first, second)] == ROUND_LINES
+    c_first, a_first = first.looks
+    assert (c_first.state, c_first.seeds_needed) == (UNDECIDED, 4)  # 4 <= max 12: within reach
+    assert (a_first.state, a_first.seeds_needed) == (OUT_OF_REACH, 285)
+    assert c_first.mde == pytest.approx(26.11, abs=0.01) and c_first.target == 20.0
+    c_second, a_second = second.looks
+    assert (c_second.state, c_second.seeds) == (SHOWN, 6) and a_second == a_first and not second.undecided
+    assert c_second.p_value < c_second.threshold / 5  # far from the boundary, as p stays from round 1's
+
+
+class Seen(Callback):
+    """What a callback is told: each epoch's metrics and the final result's."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict] = []
+        self.final: dict = {}
+
+    def on_epoch_end(self, epoch: int, metrics: dict, checkpoint: Path | None) -> None:
+        self.epochs.append(metrics)
+
+    def on_train_end(self, result: TrialResult) -> None:
+        self.final = result.final_metrics
+
+
+def test_forced_metrics_reach_every_callback_and_the_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`METRICS_ENV`: a matching run trains, but its callbacks and result carry the forced value;
+    other metrics and other runs keep what the trainer measured."""
+    (tmp_path / "forced.json").write_text(json.dumps({"g/bnew/*/seed1": {"test_acc_binary": 12.5}}))
+    monkeypatch.setenv(METRICS_ENV, str(tmp_path / "forced.json"))
+    assert forced_metrics("g/bnew/no_prelu/seed1") == {"test_acc_binary": 12.5} and not forced_metrics("g/bnew/x/seed2")
+    config = TrialConfig.model_validate({
+        "phase": "pretrain", "epochs": 2, "batch_size": 32, "device": "cpu", "max_batches": 2,
+        "data": {"name": "synthetic", "synthetic_size": 128}, "output_dir": str(tmp_path / "out")})
+    seen = Seen()
+    result = train_forcing_metrics(config, [seen], None, forced_metrics("g/bnew/no_prelu/seed1"))
+    assert [row["test_acc_binary"] for row in seen.epochs] == [12.5, 12.5] and seen.final["test_acc_binary"] == 12.5
+    assert result.final_metrics["test_acc_binary"] == 12.5
+    assert [row["test_acc_binary"] for row in result.history] == [12.5, 12.5]
+    measured = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["loss"] for row in seen.epochs] == [row["loss"] for row in measured]  # trained, not replaced
 
 
 def bnew(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -211,64 +290,68 @@ def bnew(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProc
 
 @pytest.mark.slow
 def test_digits_rounds_seed_only_the_undecided_claim_and_stop_when_decided(tmp_path: Path) -> None:
+    """Real digits training whose quantise trials report the forced accuracies: (c) is undecided
+    after round 1 and shown after round 2 on every CPU."""
     (tmp_path / "rounds.yaml").write_text(yaml.safe_dump(DIGITS_SPEC))
+    (tmp_path / "accuracies.json").write_text(json.dumps({
+        f"rounds-digits/bnew/{ablation}/seed{seed}": {"test_acc_binary": value}
+        for (ablation, seed), value in forced_accuracies().items()}))
     env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(BNEW_PROJECT_DIR=str(tmp_path), RAY_TMPDIR=tempfile.mkdtemp(prefix="bnew-ray-", dir="/tmp"))
+    env.update(BNEW_PROJECT_DIR=str(tmp_path), RAY_TMPDIR=tempfile.mkdtemp(prefix="bnew-ray-", dir="/tmp"),
+               **{METRICS_ENV: str(tmp_path / "accuracies.json")})
 
     # The first run loses round 2's first new seed for good: it stops after that round, exit 1.
     failing = {**env, "BNEW_SWEEP_FAULT": "rounds-digits/bnew/no_prelu/seed3@1:final"}
     first = bnew("sweep", "run", "rounds.yaml", "--local", cwd=tmp_path, env=failing)
     assert first.returncode == 1, (first.stdout + first.stderr)[-4000:]
+    assert ROUND_LINES[0] in first.stdout, first.stdout[-4000:]
     assert "round 2 of at most 4" in first.stdout and "round 3 of" not in first.stdout
     assert "`bnew sweep resume rounds.yaml`" in first.stderr
-    # resume replays round 1 from MLflow (nothing to train), finishes round 2, and goes on
+    # resume replays round 1 from MLflow (nothing to train), finishes round 2, and stops: all decided
     run = bnew("sweep", "resume", "rounds.yaml", "--local", cwd=tmp_path, env=env)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]
     assert "Traceback" not in output and "ERROR" not in output
     assert "round 1 of at most 4: 18 stages" in run.stdout and "18 stages reused, 0 to train" in run.stdout
+    assert all(line in run.stdout for line in ROUND_LINES), run.stdout[-4000:]
+    assert "rounds: every claim decided after round 2" in run.stdout and "round 3 of" not in run.stdout
 
     client = MlflowClient(f"sqlite:///{tmp_path / '.bnew' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("rounds-digits")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`bnew.role` = 'sweep'")
     played = recorded_rounds(parent.data.tags)
-    states = [{look.claim[:3]: look for look in judged.looks} for judged in played]
-    assert states[0]["(c)"].state == UNDECIDED and states[0]["(c)"].mde > 20.0, played[0].line()
-    assert states[0]["(a)"].state == OUT_OF_REACH, played[0].line()
-    # (c) got 3 more seeds each round until it was decided, and the sweep stopped there, before max
-    last = len(played)
-    assert [state["(c)"].seeds for state in states] == LOOKS[:last]
-    assert all(state["(c)"].state == UNDECIDED for state in states[:-1]) and not played[-1].undecided, run.stdout
-    assert last < len(LOOKS) and f"rounds: every claim decided after round {last}" in run.stdout
-    assert f"round {last + 1} of" not in run.stdout
-    assert all(state["(a)"] == states[0]["(a)"] for state in states)  # a closed claim keeps its own seeds
-    if states[-1]["(c)"].state == SHOWN:
-        assert states[-1]["(c)"].p_value < states[-1]["(c)"].threshold < SIGNIFICANCE_LEVEL / 2
+    assert played == judged_rounds()  # the same numbers as judged here, from the trials' MLflow records
 
     seeds: dict[str, set[int]] = {}
+    reported = {}
     for trial in client.search_runs([experiment.experiment_id], "tags.`bnew.role` = 'trial'"):
         if trial.data.tags["bnew.stage"] == "quantise" and trial.info.status == "FINISHED":
-            seeds.setdefault(trial.data.tags["bnew.ablation"], set()).add(int(trial.data.tags["bnew.seed"]))
-    reached = set(range(LOOKS[last - 1]))
-    assert seeds == {"baseline": reached, "no_prelu": reached, "binary_first_last": {0, 1, 2}}
+            ablation, seed = trial.data.tags["bnew.ablation"], int(trial.data.tags["bnew.seed"])
+            seeds.setdefault(ablation, set()).add(seed)
+            reported[ablation, seed] = trial.data.metrics["final_test_acc_binary"]
+            assert trial.data.metrics["test_acc_binary"] == reported[ablation, seed]  # the epochs' too
+    assert seeds == {"baseline": set(range(6)), "no_prelu": set(range(6)), "binary_first_last": {0, 1, 2}}
+    assert reported == forced_accuracies()
 
     report = bnew("sweep", "report", "rounds-digits", "--out", str(tmp_path / "report"), cwd=tmp_path, env=env)
     assert report.returncode == 0, report.stderr[-3000:]
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "Rounds: seeds {start: 3, step: 3, max: 12}" in text and "stopped: every claim decided" in text
+    assert "Rounds: seeds {start: 3, step: 3, max: 12}" in text and "2 rounds run, stopped: every claim decided" in text
+    assert all(f"- {line}" in text for line in ROUND_LINES)
     line = next(line for line in text.splitlines() if line.startswith("| (c) ReLU"))
-    assert f"(n={LOOKS[last - 1]})" in line and f"boundary {states[-1]['(c)'].threshold:.3g}" in line
+    assert "| 0.000207 | — (boundary 0.0014) |" in line and "(n=6)" in line and "**holds**" in line
     line = next(line for line in text.splitlines() if line.startswith("| (a) binary"))
-    assert "(n=3)" in line
+    assert "| 0.622 | — (boundary 7.16e-06) |" in line and "(n=3)" in line and "**not shown at this scale**" in line
     claims = pd.read_csv(tmp_path / "report" / "claims.csv")
     assert set(claims.correction) == {"sequential, bonferroni"} and claims.p_adjusted.isna().all()
-    assert list(claims.n) == [LOOKS[last - 1], 3] and list(claims.threshold) == [states[-1]["(c)"].threshold,
-                                                                                 states[-1]["(a)"].threshold]
+    assert list(claims.n) == [6, 3] and list(claims.verdict) == ["holds", "not shown at this scale"]
+    assert list(claims.p_value) == [look.p_value for look in played[-1].looks]
+    assert list(claims.threshold) == [look.threshold for look in played[-1].looks]
 
     # status plans the rounds the sweep ran, every stage of them done, and prints the rounds
     status = bnew("sweep", "status", "rounds.yaml", cwd=tmp_path, env=env)
-    assert status.returncode == 0 and played[-1].line() in status.stdout, status.stdout + status.stderr
+    assert status.returncode == 0 and ROUND_LINES[1] in status.stdout, status.stdout + status.stderr
     counts = sweep_status("rounds-digits", f"sqlite:///{tmp_path / '.bnew' / 'mlflow.db'}").counts
-    stages = 2 * len(reached) + 3  # two cells to the last round's seeds, binary_first_last to 3
+    stages = 2 * 6 + 3  # two cells to round 2's 6 seeds, binary_first_last to 3
     assert counts["quantise"]["done"] == counts["pretrain"]["done"] == stages
     assert sum(counts["quantise"].values()) == sum(counts["pretrain"].values()) == stages

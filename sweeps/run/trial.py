@@ -14,7 +14,7 @@ import socket
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,9 +24,9 @@ from mlflow.exceptions import MlflowException
 from pyarrow.fs import FileSelector
 from ray import tune
 
-from bnew_core.callbacks import Callback, Metrics
+from bnew_core.callbacks import Callback, Metrics, TrialResult
 from bnew_core.checkpoint import CorruptCheckpointError, checksum_path, verify_checksum
-from bnew_core.config import BnewError
+from bnew_core.config import BnewError, TrialConfig
 from bnew_core.train import train
 from sweeps.core.plan import Stage
 from sweeps.core.schema import DEVICE_TAGS, RESUMED_FROM_TAG
@@ -45,6 +45,11 @@ NODE_TAG = "bnew.node"
 """On a trial run: the machine and Ray node it trained on."""
 WAITING_FOR_TAG = "bnew.waiting_for_run"
 """On a trial run that waited for another sweep to train its stage: that sweep's run."""
+METRICS_ENV = "BNEW_SWEEP_METRICS"
+"""Test hook: a JSON file mapping run-name globs to `{metric: value}`. A trial whose run name
+matches trains as usual, but its callbacks (MLflow, Tune) and its recorded final metrics see
+those values over the trainer's, so a test decides the numbers its report judges, the same on
+every CPU. (Epochs a restored checkpoint's metrics.jsonl resends to MLflow keep the trained ones.)"""
 FAULT_GATE_ENV = "BNEW_SWEEP_FAULT_GATE"
 """Test hook: with `FAULT_ENV`, the fault waits at its epoch until this file exists."""
 CONTINUED_FROM_TAG = "bnew.continued_from_run"
@@ -152,6 +157,50 @@ def parse_fault(run_name: str) -> tuple[int | None, str]:
     return int(epoch), how
 
 
+def forced_metrics(run_name: str) -> Metrics:
+    """The values `METRICS_ENV` sets for this run name (every matching glob's, later ones win)."""
+    path = os.environ.get(METRICS_ENV)
+    if not path:
+        return {}
+    by_pattern: dict[str, dict[str, float]] = json.loads(Path(path).read_text())
+    return {metric: float(value) for pattern, values in by_pattern.items() if fnmatch.fnmatch(run_name, pattern)
+            for metric, value in values.items()}
+
+
+class ForcedMetrics(Callback):
+    """`inner`, seeing `values` over every epoch's metrics and the final result's."""
+
+    def __init__(self, inner: Callback, values: Metrics):
+        self.inner, self.values = inner, values
+
+    def on_train_start(self, config: Any, start_epoch: int, batches_per_epoch: int) -> None:
+        self.inner.on_train_start(config, start_epoch, batches_per_epoch)
+
+    def on_batch_end(self, epoch: int, batch: int, batches_per_epoch: int) -> None:
+        self.inner.on_batch_end(epoch, batch, batches_per_epoch)
+
+    def on_epoch_end(self, epoch: int, metrics: Metrics, checkpoint: Path | None) -> None:
+        self.inner.on_epoch_end(epoch, {**metrics, **self.values}, checkpoint)
+
+    def on_train_end(self, result: TrialResult) -> None:
+        self.inner.on_train_end(with_values(result, self.values))
+
+
+def with_values(result: TrialResult, values: Metrics) -> TrialResult:
+    """A copy of `result` whose final metrics and history carry `values`."""
+    return replace(result, final_metrics={**result.final_metrics, **values},
+                   history=[{**row, **values} for row in result.history])
+
+
+def train_forcing_metrics(config: TrialConfig, callbacks: Sequence[Callback], resume_from: Path | None,
+                          values: Metrics) -> TrialResult:
+    """`train`; with `values` (`METRICS_ENV`), the callbacks and the result see them over the trainer's."""
+    if not values:
+        return train(config, callbacks, resume_from=resume_from)
+    result = train(config, [ForcedMetrics(callback, values) for callback in callbacks], resume_from=resume_from)
+    return with_values(result, values)
+
+
 def execute_stage(
     stage: Stage,
     context: SweepContext,
@@ -194,7 +243,8 @@ def execute_stage(
         lineage.record_trial(tracker.client, run_id, stage, role, context.source_tags, input_runs)
         config = stage.trial_config(work_dir / "output", input_paths)
         logger = MlflowEpochLogger(tracker, run_id)
-        result = train(config, [logger, CheckpointUploader(tracker, run_id), *callbacks], resume_from=resume_from)
+        result = train_forcing_metrics(config, [logger, CheckpointUploader(tracker, run_id), *callbacks],
+                                       resume_from, forced_metrics(stage.name))
         logger.close()
         lineage.log_final_model(tracker.client, context.experiment_id, run_id, result.model_path,
                                 int(result.final_metrics["epoch"]), stage.phase)
