@@ -144,12 +144,23 @@ def submitted_job(result: subprocess.CompletedProcess) -> str:
     return match.group(1)
 
 
-def experiment_runs(name: str) -> list:
+def experiment_runs(name: str, deleted_too: bool = False) -> list:
     from mlflow import MlflowClient
+    from mlflow.entities import ViewType
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
-    return client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
+    view = ViewType.ALL if deleted_too else ViewType.ACTIVE_ONLY
+    return client.search_runs([experiment.experiment_id], max_results=1000, run_view_type=view) if experiment else []
+
+
+def described_runs(runs: list) -> str:
+    """One line per run, for a failed assertion: name, state, lifecycle stage, end time, bnew.* tags."""
+    return "\n".join(
+        f"{run.info.run_name} {run.info.status} {run.info.lifecycle_stage} end={run.info.end_time} "
+        f"{ {key: value for key, value in sorted(run.data.tags.items()) if key.startswith('bnew.')} }"
+        for run in runs
+    )
 
 
 @pytest.mark.slow
@@ -207,15 +218,24 @@ def test_two_submissions_sharing_pretrained_models_train_each_once(cluster: dict
     logs = [bnew("sweep", "logs", job, "--follow", env=env, cwd=tmp_path) for job in jobs]
     for job, followed in zip(jobs, logs):
         assert followed.returncode == 0 and f"job {job}: SUCCEEDED" in followed.stdout, followed.stdout[-3000:]
-    pretrains = [run for name in ("shared-a", "shared-b") for run in experiment_runs(name)
-                 if run.data.tags.get("bnew.stage") == "pretrain"]
-    keys = {run.data.tags["bnew.stage_key"] for run in pretrains}
-    assert len(keys) == 2  # seeds 0 and 1, shared by both sweeps
+    pretrains = {name: [run for run in experiment_runs(name) if run.data.tags.get("bnew.stage") == "pretrain"]
+                 for name in ("shared-a", "shared-b")}
+    # Every pretrain run, deleted ones (a waiter's, once it linked) too, and the end of both jobs' logs.
+    story = "\n".join([described_runs([run for name in pretrains for run in experiment_runs(name, deleted_too=True)
+                                       if run.data.tags.get("bnew.stage") == "pretrain"]),
+                       *(followed.stdout[-2000:] for followed in logs)])
+    keys = {run.data.tags["bnew.stage_key"] for runs in pretrains.values() for run in runs}
+    assert len(keys) == 2, story  # seeds 0 and 1, shared by both sweeps
     for key in keys:
-        trained = [run for run in pretrains if run.data.tags["bnew.stage_key"] == key
+        trained = [run for runs in pretrains.values() for run in runs if run.data.tags["bnew.stage_key"] == key
                    and run.info.status == "FINISHED" and "bnew.reused_from" not in run.data.tags]
-        assert len(trained) == 1, [(run.info.run_name, run.info.status, run.data.tags.get("bnew.sweep")) for run in pretrains]
-    assert all(run.info.status == "FINISHED" for run in pretrains)  # each sweep has its pretrains, trained or linked
+        assert len(trained) == 1, story
+    # Each sweep holds one run per pretrained model, trained or linked, and it is FINISHED: a waiter's
+    # own run is deleted once it links, a retried attempt continues its run, and a link cut short is
+    # deleted by the retry's link (tests/test_shared_stages.py).
+    for runs in pretrains.values():
+        assert sorted((run.data.tags["bnew.stage_key"], run.info.status) for run in runs) == [
+            (key, "FINISHED") for key in sorted(keys)], story
     for name in ("shared-a", "shared-b"):  # and both reports read their own four trials
         quantised = [run for run in experiment_runs(name) if run.data.tags.get("bnew.stage") == "quantise"]
         assert len(quantised) == 4 and {run.info.status for run in quantised} == {"FINISHED"}

@@ -262,12 +262,21 @@ class Tracker:
     ) -> None:
         """Give every role of a finished stage its run in this sweep's experiment.
 
+        A link an earlier attempt began and never finished (a write failed or its process died
+        between `link_role`'s create and its end; Tune then retries the trial, which links
+        again) is deleted first: its params and metrics may be partial, and left RUNNING the
+        driver's end would mark it KILLED in a sweep that succeeded.
+
         `runs`: the stage's runs in every experiment, if the caller has them already."""
         runs = self.stage_runs([stage.key])[stage.key] if runs is None else runs
+        own = [run for run in runs if run.info.experiment_id == experiment_id]
+        for run in own:
+            if run.info.status != "FINISHED" and REUSED_FROM_TAG in run.data.tags:
+                self.client.delete_run(run.info.run_id)
         trained = trained_runs(runs)
         if not trained:
             return
-        present = {r.info.run_name for r in runs if r.info.experiment_id == experiment_id and r.info.status == "FINISHED"}
+        present = {run.info.run_name for run in own if run.info.status == "FINISHED"}
         for role in stage.roles:
             if role.name not in present:
                 self.link_role(trained[0], experiment_id, parent_run_id, sweep, stage, role)

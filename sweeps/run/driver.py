@@ -154,6 +154,7 @@ def open_sweep(spec: SweepSpec, plan: Plan, log: Log) -> tuple[Tracker, SweepCon
         tracker.client.set_tag(parent_run_id, tag, str(getattr(plan, key) or ""))
     source_tags = lineage.driver_source_tags(lineage.driver_command())
     lineage.record_sweep(tracker.client, experiment_id, parent_run_id, spec.description, source_tags)
+    lineage.record_sweep_datasets(tracker.client, parent_run_id, plan.stages.values())
     context = SweepContext(spec.name, tracker.uri, experiment_id, parent_run_id, source_tags)
     runs_by_key = tracker.stage_runs(list(plan.stages), tracker.trial_runs(experiment_id))
     finished = tracker.finished_stages(list(plan.stages), runs_by_key)
