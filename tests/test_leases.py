@@ -138,8 +138,17 @@ def trained(runs: list) -> list:
 
 @pytest.mark.slow
 def test_two_sweeps_at_once_train_their_shared_pretrained_model_once(tmp_path: Path, server: str) -> None:
-    first, second = (driver(tmp_path, server, spec(name, optimiser, 20)) for name, optimiser in (("ste-one", "ste"),
-                                                                                               ("bnew-one", "bnew")))
+    # Whichever sweep trains the shared pretrain holds it after epoch 1 until the other waits for it:
+    # the other finds it mid-stage however slowly its own driver starts.
+    gate = tmp_path / "go-on"
+    first, second = (driver(tmp_path, server, spec(name, optimiser, 20), BNEW_SWEEP_FAULT="*/pretrain/*@1:hold",
+                            BNEW_SWEEP_FAULT_GATE=str(gate))
+                     for name, optimiser in (("ste-one", "ste"), ("bnew-one", "bnew")))
+    deadline = time.time() + 600
+    while (time.time() < deadline and None in (first.poll(), second.poll())
+           and not any("bnew.waiting_for_run" in run.data.tags for run in pretrain_runs(server))):
+        time.sleep(1)
+    gate.touch()
     outputs = [process.communicate(timeout=900)[0] for process in (first, second)]
     assert [process.returncode for process in (first, second)] == [0, 0], outputs
     runs = pretrain_runs(server)
@@ -153,7 +162,10 @@ def test_two_sweeps_at_once_train_their_shared_pretrained_model_once(tmp_path: P
 
 @pytest.mark.slow
 def test_the_leading_driver_killed_mid_stage_the_other_sweep_takes_it_over(tmp_path: Path, server: str) -> None:
-    leader = driver(tmp_path, server, spec("leader", "ste", 60))
+    # The leader's trial stops after epoch 3 (its checkpoint sent, its lease renewed) until it is
+    # killed: the follower finds it mid-stage however fast this machine trains 60 epochs.
+    leader = driver(tmp_path, server, spec("leader", "ste", 60), BNEW_SWEEP_FAULT="leader/pretrain/*@3:exit",
+                    BNEW_SWEEP_FAULT_GATE=str(tmp_path / "never"))
     deadline = time.time() + 600
     while time.time() < deadline:  # until the leader's pretrain has a checkpoint in MLflow
         runs = [run for run in pretrain_runs(server) if run.info.status == "RUNNING" and run.data.metrics.get("epoch", -1) >= 1]
@@ -166,6 +178,7 @@ def test_the_leading_driver_killed_mid_stage_the_other_sweep_takes_it_over(tmp_p
     while (follower.poll() is None and time.time() < deadline
            and not any("bnew.waiting_for_run" in run.data.tags for run in pretrain_runs(server))):
         time.sleep(1)  # until the follower waits on the leader's lease
+    assert follower.poll() is None, follower.stdout.read()
     os.killpg(leader.pid, signal.SIGKILL)  # its driver, local Ray and trial: heartbeats stop
     leader.wait()
     output = follower.communicate(timeout=900)[0]

@@ -36,9 +36,10 @@ from sweeps.records.tracker import Tracker
 from sweeps.run.events import STAGE_ERROR, STAGE_FAILED, WAITING_KEY
 
 FAULT_ENV = "BNEW_SWEEP_FAULT"
-"""Test hook: `PATTERN@EPOCH[:exit|:final]` makes the first attempt of every trial whose run name
-matches the glob PATTERN raise (with `:exit`, kill its process; with `:final`, raise a `BnewError`,
-which no retry can fix) after reporting EPOCH;
+"""Test hook: `PATTERN@EPOCH[:exit|:final|:hold]` makes the first attempt of every trial whose run
+name matches the glob PATTERN raise (with `:exit`, kill its process; with `:final`, raise a
+`BnewError`, which no retry can fix; with `:hold`, only wait for `FAULT_GATE_ENV`, then train on)
+after reporting EPOCH;
 `PATTERN@recorded` kills its process once its run is recorded, before Tune hears that it ended
 (as when the driver stops just then)."""
 NODE_TAG = "bnew.node"
@@ -137,6 +138,8 @@ class TuneReporter(Callback):
             gate = Path(os.environ.get(FAULT_GATE_ENV, "/"))
             while not gate.exists():  # the test says when
                 time.sleep(0.5)
+            if self.fault_how == "hold":
+                return
             if self.fault_how == "exit":
                 os._exit(1)
             if self.fault_how == "final":
