@@ -117,3 +117,24 @@ def test_the_sweeps_searcher_suggests_stages_as_the_scan_does(seed: int) -> None
         started.add(expected)
         running.append((f"t{step}", expected))
     assert suggested == scheduler.FINISHED and done | failed == {"done-elsewhere"} | started
+
+
+def test_a_restored_searcher_only_lets_tune_finish_the_trials_it_restored(tmp_path) -> None:
+    """`bnew sweep resume`: Tune uploads the searcher's state apart from its trials, so the state it
+    restores may predate a trial it restores (a driver killed mid-upload: the S3 test once got a
+    quantise trial its searcher had never suggested, and a KeyError). Restored, the searcher accepts
+    the completion of any trial and suggests nothing; the driver starts what is left in a new Tuner."""
+    stages = [Stage(key="pretrain", phase="pretrain", config={"epochs": 2}),
+              Stage(key="quantise", phase="quantise", config={"epochs": 2}, inputs={"init_checkpoint": "pretrain"})]
+    context = SweepContext("resumed", "sqlite:///x", "1", "p")
+    scheduler = StageScheduler(stages, set(), context)
+    assert scheduler.suggest("t0")["stage"]["key"] == "pretrain"
+    scheduler.save_to_dir(str(tmp_path), "before-quantise")
+    scheduler.on_trial_complete("t0", {"config/stage/key": "pretrain"})
+    assert scheduler.suggest("t1")["stage"]["key"] == "quantise"
+
+    restored = StageScheduler(stages, set(), context)
+    restored.restore_from_dir(str(tmp_path))
+    restored.on_trial_complete("t1", {"config/stage/key": "quantise"})
+    restored.on_trial_complete("t2", error=True)
+    assert restored.suggest("t3") == restored.FINISHED

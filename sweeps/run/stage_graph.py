@@ -4,7 +4,6 @@ is no barrier between levels and Tune's own concurrency limits, resources and re
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import asdict
 from typing import Any
 
@@ -18,7 +17,13 @@ from sweeps.run.trial import SweepContext
 
 class StageScheduler(Searcher):
     """Suggests each stage once, as soon as all its input stages are done, on the critical path
-    first. Finishes when nothing is running and nothing can start."""
+    first. Finishes when nothing is running and nothing can start.
+
+    Restored (`bnew sweep resume`), it suggests nothing: the restored experiment continues the
+    trials it holds, and the driver runs the stages it had not started in a new Tuner, from what
+    MLflow says is done. Tune saves this state and its trials in separate files and uploads them
+    one by one, so a driver killed in between leaves this state older than the trials: trusting
+    it would start a stage that is running again, or wait forever for one that is done."""
 
     def __init__(self, stages: list[Stage], done: set[str], context: SweepContext):
         super().__init__()
@@ -29,7 +34,8 @@ class StageScheduler(Searcher):
         self.trial_stage: dict[str, str] = {}
         """Tune trial id -> stage key."""
         self.ready: ReadyQueue | None = None
-        """Built from the state above when first needed (also after `restore`); not saved."""
+        """Built from the state above when first needed."""
+        self.restored = False
 
     def ready_queue(self) -> ReadyQueue:
         if self.ready is None:
@@ -38,6 +44,8 @@ class StageScheduler(Searcher):
         return self.ready
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.restored:
+            return self.FINISHED
         ready = self.ready_queue()
         if ready:
             key = ready.pop()
@@ -47,6 +55,8 @@ class StageScheduler(Searcher):
         return None if running else self.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self.restored:
+            return  # its trials may be unknown to this state (see the class), and it suggests no more
         key = self.trial_stage[trial_id]
         if error or (result or {}).get(STAGE_FAILED):
             self.failed.add(key)
@@ -54,16 +64,12 @@ class StageScheduler(Searcher):
         if key not in self.done:
             self.ready_queue().finish(key)
         self.done.add(key)
-        self.failed.discard(key)  # an errored trial resumed by `bnew sweep resume`
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as file:
-            pickle.dump({name: value for name, value in self.__dict__.items() if name != "ready"}, file)
+        """Restored, it needs none of its state (see the class)."""
 
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as file:
-            self.__dict__.update(pickle.load(file))
-        self.ready = None
+    def restore_from_dir(self, checkpoint_dir: str) -> None:
+        self.restored = True
 
 
 def trial_name(trial: Any) -> str:
