@@ -36,7 +36,7 @@ class DataConfig(StrictModel):
     """Which images to train on and how to augment them."""
 
     name: DatasetName = "digits"
-    """`digits` ships with scikit-learn (no download); `synthetic` is a seeded toy set for
+    """`digits` ships with the package (no download); `synthetic` is a seeded toy set for
     tests; `cifar10`/`cifar100` go through torchvision; `imagefolder` reads `root/train/<class>`
     and `root/test/<class>` image trees (the shared CIFAR-10 JPEG data is one)."""
     root: Path | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from bnew_core.config import BnewError, DataConfig
-from bnew_core.data import BatchLoader, load_data, random_crop
+from bnew_core.data import DIGITS_PATH, BatchLoader, load_data, random_crop
 
 
 def test_random_crop_offsets_are_translations_with_zero_padding() -> None:
@@ -22,6 +23,17 @@ def test_random_crop_offsets_are_translations_with_zero_padding() -> None:
     expected = torch.zeros(1, 4, 4, dtype=torch.uint8)
     expected[:, 2:, :3] = images[1, :, :2, 1:]
     assert torch.equal(out[1], expected)
+
+
+def test_the_shipped_digits_are_scikit_learns_exactly() -> None:
+    """The arrays `load_digits()` of scikit-learn 1.x returns (sha256 taken from it once), so runs
+    trained when digits came from scikit-learn trained on the same images."""
+    with np.load(DIGITS_PATH) as digits:
+        images, labels = digits["images"], digits["labels"]
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8 and images.max() == 16
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    assert digest == "87ff0c9e40dc7e2c0e34e7257799c2e3f3aec1a016363bb11cad869ec428a826"
 
 
 def test_digits_split_and_normalisation() -> None:

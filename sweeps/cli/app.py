@@ -88,7 +88,7 @@ def train(
 
     Every TrialConfig field can be given in CONFIG.yaml, by a flag for the common ones, or
     with --set KEY=VALUE; flags override the file. Without CONFIG, the defaults train on
-    scikit-learn's digits (no download).
+    the 8x8 digits shipped with the package (no download).
     """
     from bnew_core.config import load_trial_config  # lazy: start-up
     from bnew_core.train import train as run_trial  # lazy: torch

@@ -42,7 +42,7 @@ INPUT_RUN_TAGS = {"init_checkpoint": "bnew.pretrain_run_id", "teacher_checkpoint
 MODEL_NAME = "model"
 MODEL_METRICS = ("test_acc_binary", "test_acc_float", "train_acc", "loss")
 """The last epoch's metrics linked to the logged model (one history request each)."""
-DATA_SOURCES = {"digits": "sklearn.datasets.load_digits", "synthetic": "bnew_core.data.load_synthetic"}
+DATA_SOURCES = {"digits": "bnew_core.data.load_digits", "synthetic": "bnew_core.data.load_synthetic"}
 TRAIN_CONTEXT = InputTag("mlflow.data.context", "train")
 
 
