@@ -1,5 +1,6 @@
 """Helpers for the servers the tests start (MLflow, moto's S3): a free loopback port, an MLflow
-tracking server, stopping a server process for good, and the Debian packages some tests need."""
+tracking server, stopping a server process for good, the processes below one (a Ray node's, a
+driver's) and the Debian packages some tests need."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 DEBIAN_PACKAGES: dict[str, Callable[[], bool]] = {
     "chromium": CHROMIUM.is_file,  # headless, for screenshots and MLflow's UI
     "postgresql": lambda: bool(glob.glob("/usr/lib/postgresql/*/bin/initdb")),  # cluster/postgres_local.sh
+    "faketime": lambda: Path("/usr/bin/faketime").is_file(),  # a process whose clock is shifted
 }
 """Package -> whether it is installed; a test marked `debian(package)` needs it (conftest.py)."""
 
@@ -42,6 +44,20 @@ def stop(process: subprocess.Popen, timeout: float = 60) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process on the machine (`-ww`: whole lines;
+    without a terminal ps cuts them at 80 columns)."""
+    table = subprocess.run(["ps", "-ww", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = (line.split(None, 2) for line in table.splitlines())
+    return {int(row[0]): (int(row[1]), row[2] if len(row) > 2 else "") for row in rows}
+
+
+def descendants(pid: int, processes: dict[int, tuple[int, str]]) -> list[int]:
+    """Every process below `pid` in `processes` (a `process_table()`)."""
+    children = [child for child, (parent, _) in processes.items() if parent == pid]
+    return children + [grandchild for child in children for grandchild in descendants(child, processes)]
 
 
 @contextmanager

@@ -9,7 +9,6 @@ import contextlib
 import glob
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.ray_nodes import wait_for
+from tests.servers import descendants, free_port, process_table
 
 pytestmark = pytest.mark.slow
 EPOCHS_TO_INTERRUPT, BATCHES_TO_INTERRUPT = 30, "8"
@@ -205,12 +205,6 @@ def test_sigint_stops_the_sweep_and_a_diverging_trial_fails_at_once(tmp_path: Pa
 
 
 # --- on a loopback cluster: a Ray head, two worker nodes, an MLflow server ---------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Cluster:
     state: Path
@@ -220,32 +214,20 @@ class Cluster:
         project.mkdir(exist_ok=True)
         return {**self.env, "BNEW_PROJECT_DIR": str(project), "BNEW_STORAGE_PATH": str(project / "storage")}
 
-    def processes(self) -> dict[int, tuple[int, str]]:
-        """pid -> (parent pid, command line) of every process on the machine (`-ww`: whole lines;
-        without a terminal ps cuts them at 80 columns)."""
-        table = subprocess.run(["ps", "-ww", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
-        rows = (line.split(None, 2) for line in table.splitlines())
-        return {int(row[0]): (int(row[1]), row[2] if len(row) > 2 else "") for row in rows}
-
     def nodes(self, processes: dict[int, tuple[int, str]]) -> list[list[int]]:
         """Each Ray node of the cluster: its raylet, then every process below it."""
         ray_tmpdir = (self.state / "ray_tmpdir").read_text().strip()
-
-        def below(pid: int) -> list[int]:
-            children = [child for child, (parent, _) in processes.items() if parent == pid]
-            return children + [grandchild for child in children for grandchild in below(child)]
-
-        return [[pid, *below(pid)] for pid, (_, args) in processes.items()
+        return [[pid, *descendants(pid, processes)] for pid, (_, args) in processes.items()
                 if "/raylet" in args.split(" ", 1)[0] and ray_tmpdir in args]
 
     def trial_processes(self) -> list[int]:
         """The processes of the cluster that run a trial."""
-        processes = self.processes()
+        processes = process_table()
         return [pid for node in self.nodes(processes) for pid in node[1:] if processes[pid][1].startswith(TRIAL_PROCESS)]
 
     def worker_node_with_trial(self) -> list[int]:
         """The raylet of a worker node running a trial, and every process below it."""
-        processes = self.processes()
+        processes = process_table()
         return next((node for node in self.nodes(processes)
                      if any(processes[pid][1].startswith(TRIAL_PROCESS) for pid in node[1:])), [])
 

@@ -5,6 +5,7 @@ pretrained model, the leading driver killed mid-stage, and a shared stage that f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,7 +23,9 @@ from bnew_core.config import BnewError
 from sweeps.records import leases
 from sweeps.records.leases import HEARTBEAT_TAG, Lease
 from sweeps.records.tracker import Tracker
-from servers import mlflow_server
+from servers import descendants, mlflow_server, process_table
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -53,15 +56,100 @@ def test_of_racing_claims_exactly_one_holds_the_stage(tracker: Tracker) -> None:
         assert tracker.client.get_experiment_by_name(f"{leases.LEASE_PREFIX}key{attempt}") is None
 
 
-def test_a_stale_lease_is_taken_over_and_a_live_one_is_not(tracker: Tracker) -> None:
+def test_a_lease_is_stale_once_its_heartbeat_stays_unchanged_for_the_timeout(tracker: Tracker, monkeypatch) -> None:
+    """Staleness by observation: whatever time the heartbeat says, a waiter takes the lease over
+    only after seeing it unchanged for LEASE_TIMEOUT_S on its own monotonic clock."""
+    monkeypatch.setattr(leases, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(leases, "LEASE_TIMEOUT_S", 1.0)
     first, second = Lease(tracker, "k", "a", "run-a"), Lease(tracker, "k", "b", "run-b")
     assert first.claim() is None
-    assert second.claim().run_id == "run-a"  # live: the second waits
-    first.stop_heartbeat.set()  # its driver dies: no more beats, and the last one is old
-    old = leases.now_ms() - int(leases.LEASE_TIMEOUT_S * 1000) - 1000
-    tracker.client.set_experiment_tag(first.experiment_id, HEARTBEAT_TAG, str(old))
+    tracker.client.set_experiment_tag(first.experiment_id, HEARTBEAT_TAG, "0")  # a time from 1970: not a reason
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:  # renewed every 0.1 s: never taken over
+        assert second.claim().run_id == "run-a"
+        time.sleep(0.2)
+    first.stop_heartbeat.set()  # its driver dies: the heartbeat stops changing
+    time.sleep(0.2)  # a beat in flight lands
+    third = Lease(tracker, "k", "c", "run-c")  # a waiter that starts looking now
+    seen = time.monotonic()
+    while third.claim() is not None:
+        time.sleep(0.1)  # its poll interval
+    waited = time.monotonic() - seen
+    assert 1.0 <= waited <= 1.0 + 0.1 + 5.0, waited  # the timeout, a poll, and slack for MLflow calls under load
+    assert third.holder().run_id == "run-c" and third.taken_over.run_id == "run-a"
+
+
+HOLDER = """
+import sys, threading, time
+from sweeps.records.leases import Lease
+from sweeps.records.tracker import Tracker
+lease = Lease(Tracker(sys.argv[1]), "shifted", "holder", "run-holder")
+assert lease.claim() is None
+print(time.time(), flush=True)  # its clock, to show that it is shifted
+threading.Event().wait()  # renews until killed (no time.sleep: libfaketime 0.9.10 fails it with EINVAL)
+"""
+
+
+@pytest.mark.debian("faketime")
+@pytest.mark.parametrize("shift", ["+1h", "-1h"])
+def test_a_holder_whose_clock_is_an_hour_off_keeps_its_lease_while_it_renews(tmp_path: Path, shift: str) -> None:
+    """The holder runs under libfaketime, its clock an hour ahead or behind the waiter's: while it
+    renews, it is never taken over (comparing clocks took a lagging holder's lease at once, and
+    never a leading dead one's); once it dies, the waiter takes over within the timeout and a poll."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    waiter = Lease(Tracker(uri), "shifted", "waiter", "run-waiter")
+    # Only the wall clock is shifted, as between two machines; each has its own monotonic clock.
+    # MLflow's telemetry thread calls time.sleep, which fails under libfaketime: it is off.
+    env = {**os.environ, "BNEW_LEASE_HEARTBEAT_S": "0.5", "BNEW_LEASE_TIMEOUT_S": "3", "PYTHONPATH": str(REPO),
+           "FAKETIME_DONT_FAKE_MONOTONIC": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    holder = subprocess.Popen(["faketime", "-f", shift, sys.executable, "-c", HOLDER, uri], env=env,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    kill_holder = lambda: (os.killpg(holder.pid, signal.SIGKILL), holder.wait())  # faketime runs it as a child
+    try:
+        holder_clock = float(holder.stdout.readline() or "nan")
+        assert abs(abs(holder_clock - time.time()) - 3600) < 120, holder_clock  # the shift is real
+        timeout, poll = 3.0, 0.5
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(leases, "LEASE_TIMEOUT_S", timeout)
+            renewing_until = time.monotonic() + 3 * timeout
+            while time.monotonic() < renewing_until:
+                assert waiter.claim().run_id == "run-holder"
+                time.sleep(poll)
+            kill_holder()
+            died = time.monotonic()
+            while waiter.claim() is not None:
+                assert time.monotonic() - died < 60, "the dead holder's lease was never taken over"
+                time.sleep(poll)
+            waited = time.monotonic() - died
+        assert timeout <= waited <= timeout + poll + 5.0, waited  # 5 s: MLflow calls on a loaded machine
+        assert waiter.holder().run_id == "run-waiter"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            kill_holder()
+
+
+def test_a_holder_that_lost_its_lease_is_fenced(tracker: Tracker) -> None:
+    """The claim's experiment id is its token: once another trial has taken the stage over, the old
+    holder no longer holds it, and releasing does not free the taker's lease."""
+    first, second = Lease(tracker, "k", "a", "run-a"), Lease(tracker, "k", "b", "run-b")
+    assert first.claim() is None and first.still_held()
+    first.stop_heartbeat.set()
+    second.move_aside(second.holder(), "expired")  # as a waiter does once the heartbeat stayed unchanged
     assert second.claim() is None
-    assert second.holder().run_id == "run-b"
+    assert not first.still_held() and second.still_held()
+    first.release()
+    assert second.still_held() and second.holder().run_id == "run-b"
+
+
+def test_a_holder_that_cannot_renew_stops_training(tracker: Tracker, monkeypatch) -> None:
+    monkeypatch.setattr(leases, "LEASE_TIMEOUT_S", 5.0)
+    lease = Lease(tracker, "k", "a", "run-a")
+    assert lease.claim() is None
+    guard = leases.LeaseGuard(lease)
+    guard.on_batch_end(0, 0, 10)  # renewed just now
+    lease.renewed -= 6.0  # as after 6 s of failed renewals
+    with pytest.raises(leases.LeaseLost, match="could not renew the lease of stage k for 6 s"):
+        guard.on_batch_end(0, 1, 10)
 
 
 def test_a_waiting_trial_links_the_run_that_finished_its_stage(tracker: Tracker) -> None:
@@ -187,6 +275,59 @@ def test_the_leading_driver_killed_mid_stage_the_other_sweep_takes_it_over(tmp_p
     assert len(finished) == 1 and finished[0].data.tags["bnew.sweep"] == "follower"
     assert finished[0].data.tags["bnew.continued_from_run"] == runs[0].info.run_id  # the leader's run
     assert int(finished[0].data.tags["bnew.resumed_from_epoch"]) >= 2  # from its checkpoint, not from scratch
+
+
+def trial_process(driver_process: subprocess.Popen) -> int | None:
+    """The process training the driver's trial (Ray's title for a function trainable), in the
+    driver's local Ray; a trial runs in a process group of its own."""
+    processes = process_table()
+    return next((pid for pid in descendants(driver_process.pid, processes)
+                 if processes[pid][1].startswith("ray::ImplicitFunc")), None)
+
+
+@pytest.mark.slow
+def test_a_paused_holder_that_lost_its_stage_is_superseded_not_recorded(tmp_path: Path, server: str) -> None:
+    """The leader's trial is SIGSTOPped past the lease timeout while the follower waits; the
+    follower takes the stage over; the leader, continued, finds it lost the lease: its run ends
+    KILLED and superseded, and the stage has one result, the follower's."""
+    gate = tmp_path / "go-on"  # the leader holds after epoch 2 (renewing) until it is paused
+    leader = driver(tmp_path, server, spec("paused", "ste", 40), BNEW_SWEEP_FAULT="paused/pretrain/*@2:hold",
+                    BNEW_SWEEP_FAULT_GATE=str(gate))
+    deadline = time.time() + 600
+    while leader.poll() is None and time.time() < deadline:  # until its pretrain is held, checkpointed
+        runs = [run for run in pretrain_runs(server) if run.data.metrics.get("epoch", -1) >= 1]
+        if runs and MlflowClient(server).list_artifacts(runs[0].info.run_id, "checkpoint"):
+            break
+        time.sleep(1)
+    follower = driver(tmp_path, server, spec("taker", "bnew", 40))
+    while (follower.poll() is None and time.time() < deadline
+           and not any("bnew.waiting_for_run" in run.data.tags for run in pretrain_runs(server))):
+        time.sleep(1)
+    paused = trial_process(leader)
+    assert paused is not None and leader.poll() is None and follower.poll() is None, leader.stdout.read()
+    os.kill(paused, signal.SIGSTOP)  # its heartbeat stops with it
+    try:
+        gate.touch()  # once continued, it trains on
+        while time.time() < deadline and not any(
+                run.data.tags.get("bnew.sweep") == "taker" and "bnew.continued_from_run" in run.data.tags
+                for run in pretrain_runs(server)):
+            time.sleep(1)  # until the follower has taken the stage over
+    finally:
+        os.kill(paused, signal.SIGCONT)
+    outputs = [process.communicate(timeout=900)[0] for process in (leader, follower)]
+    assert [process.returncode for process in (leader, follower)] == [0, 0], outputs
+    runs = pretrain_runs(server)
+    described = [(run.info.run_name, run.info.status, run.data.tags) for run in runs]
+    (finished,) = trained(runs)
+    assert finished.data.tags["bnew.sweep"] == "taker", described
+    (superseded,) = [run for run in runs if run.data.tags.get("bnew.sweep") == "paused"
+                     and "bnew.reused_from" not in run.data.tags]
+    assert superseded.info.status == "KILLED", described
+    assert superseded.data.tags["bnew.superseded_by"] == finished.info.run_id
+    assert finished.data.tags["bnew.continued_from_run"] == superseded.info.run_id
+    reused = [run for run in runs if run.data.tags.get("bnew.reused_from") == finished.info.run_id]
+    assert [run.data.tags["bnew.sweep"] for run in reused] == ["paused"], described  # the leader goes on with it
+    assert all("Traceback" not in output for output in outputs), outputs
 
 
 @pytest.mark.slow

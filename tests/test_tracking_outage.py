@@ -1,6 +1,7 @@
 """A dead MLflow server loses nothing: a trial trains on while the server is down, the epochs it
-could not log are sent once the server is back, and a trial that ends during the outage fails
-and is finished by its retry from the final checkpoint, every epoch logged exactly once.
+could not log are sent once the server is back, a trial that ends during the outage fails
+and is finished by its retry from the final checkpoint, every epoch logged exactly once, and a
+trial that cannot renew its stage's lease for the timeout stops and is finished by its retry.
 Real `mlflow server` processes (killed and restarted on the same store); no Ray needed."""
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
 from bnew_core.callbacks import Callback
+from sweeps.records import leases
 from sweeps.run.driver import open_sweep
 from sweeps.run.trial import execute_stage
 from sweeps.core.plan import build_plan
@@ -90,6 +93,7 @@ def pretrain_stage(tmp_path: Path, name: str, tracking_uri: str):
         "name": name, "tracking_uri": tracking_uri,
         "axes": {"dataset": ["digits"], "optimiser": ["ste"], "seed": [0], "budget": [2]},
         "base": {"batch_size": 64, "device": "cpu"}, "phases": {"pretrain": {"epochs": 4}},
+        "checkpoint": {"every_epochs": 1},
     }))
     plan = build_plan(load_spec(str(spec_path)))
     (stage,) = [stage for stage in plan.stages.values() if stage.phase == "pretrain"]
@@ -127,3 +131,35 @@ def test_a_trial_ending_in_an_outage_is_finished_by_its_retry(server: Server, tm
     assert run.data.tags["bnew.resumed_from_epoch"] == "4"
     assert sorted(metric.step for metric in client.get_metric_history(run.info.run_id, "loss")) == [0, 1, 2, 3]
     assert "model.pt" in {item.path for item in client.list_artifacts(run.info.run_id)}
+
+
+class Stall(Callback):
+    """The training goes on for `seconds` after epoch `after` (as a longer epoch would): the
+    server is down meanwhile, so the lease's renewals fail for longer than the timeout."""
+
+    def __init__(self, after: int, seconds: float) -> None:
+        self.after, self.seconds = after, seconds
+
+    def on_epoch_end(self, epoch: int, metrics: dict, checkpoint: Path | None) -> None:
+        if epoch == self.after:
+            time.sleep(self.seconds)
+
+
+def test_a_holder_that_cannot_renew_its_lease_stops_and_its_retry_finishes_the_stage(
+        server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(leases, "HEARTBEAT_S", 0.5)
+    monkeypatch.setattr(leases, "LEASE_TIMEOUT_S", 3.0)
+    stage, context = pretrain_stage(tmp_path, "unrenewed", server.uri)
+    work = tmp_path / "work"
+    with pytest.raises(Exception):  # it stopped, and MLflow cannot be asked who holds the stage
+        execute_stage(stage, context, work, callbacks=[Outage(server, down_after=0, up_after=None), Stall(1, 5.0)])
+    stopped = [line for line in capsys.readouterr().out.splitlines() if "could not renew the lease" in line]
+    assert len(stopped) == 1 and "stopped training it" in stopped[0], stopped  # one line says why
+    checkpoint = work / "output" / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=False)["epoch"] < 3  # it stopped before the stage's end
+    server.start()
+    execute_stage(stage, context, work, resume_from=checkpoint)  # Tune's retry, once MLflow is back
+    client, run = the_run(server.uri, "unrenewed")
+    assert run.info.status == "FINISHED" and "bnew.error" not in run.data.tags
+    assert sorted(metric.step for metric in client.get_metric_history(run.info.run_id, "loss")) == [0, 1, 2, 3]
+    assert client.search_experiments(filter_string=f"name LIKE '{leases.LEASE_PREFIX}%'") == []  # released

@@ -7,14 +7,21 @@ names unique (a UNIQUE constraint in the SQL stores, behind the tracking server 
 creates the experiment and the other gets RESOURCE_ALREADY_EXISTS, whatever their clocks say.
 The holder tags the lease with its sweep, its run and a heartbeat it renews every
 `HEARTBEAT_S`; it releases the lease when its attempt ends (finished, failed or stopped) by
-renaming the experiment out of the way (which frees the name) and deleting it. A lease whose
-heartbeat is older than `LEASE_TIMEOUT_S` belongs to a dead driver or node: a waiter renames it
-aside and claims the name again, and the same uniqueness lets only one waiter win. Renaming a
-stale lease that another waiter renamed already does no harm: it only moves a name that is free.
+renaming the experiment out of the way (which frees the name) and deleting it.
 
-Why this is safe: only the creator of the name trains, and a name is freed only by its holder,
-or once the holder stopped renewing for longer than the timeout, far longer than a heartbeat
-interval, so no two live trials hold a stage at once."""
+Staleness is observed, never computed from two machines' clocks: a waiter that has seen the same
+heartbeat value for `LEASE_TIMEOUT_S` on its own monotonic clock takes the lease as its dead
+holder's, renames it aside and claims the name again; the same uniqueness lets only one waiter
+win. Renaming a lease another waiter renamed already does no harm: it only moves a name that is free.
+
+A holder cannot rely on being alive to the others, so it checks:
+- `renewal_age()`: a holder that could not renew for the timeout (MLflow unreachable) stops
+  training the stage (`LeaseGuard` raises `LeaseLost`), as a waiter may take it over by then; its
+  trial's retry resumes from its checkpoint.
+- `still_held()` (fencing): the lease's experiment id is the claim's token. A holder paused past
+  the timeout (SIGSTOP, a frozen VM) finds on waking that the name now belongs to another claim;
+  before its run becomes the stage's result it checks, and if it lost the stage it records
+  nothing as the result (`sweeps.run.trial` marks its run superseded and links the taker's)."""
 
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from typing import Callable
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from bnew_core.callbacks import Callback
 from bnew_core.config import BnewError
 from sweeps.core.schema import ERROR_TAG, FINAL_FAILURE_TAG
 from sweeps.records.tracker import Tracker
@@ -49,14 +57,15 @@ class Holder:
 
     sweep: str
     run_id: str
-    heartbeat_ms: int
+    heartbeat: str
+    """Changes at each renewal; only whether it changed matters, not what it says."""
+    experiment_id: str
+    """The lease's experiment: one per claim, the claim's fencing token."""
 
-    def is_stale(self, now_ms: int) -> bool:
-        return now_ms - self.heartbeat_ms > LEASE_TIMEOUT_S * 1000
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+class LeaseLost(RuntimeError):
+    """This trial no longer holds its stage's lease (it could not renew it). A RuntimeError, not
+    a `BnewError`: Tune retries the trial, which claims the stage again or waits for its taker."""
 
 
 @dataclass(frozen=True)
@@ -77,14 +86,19 @@ class Lease:
         self.sweep, self.run_id = sweep, run_id
         self.experiment_id: str | None = None
         self.stop_heartbeat = threading.Event()
+        self.renewed = time.monotonic()
+        """When this holder last renewed its lease (or claimed it), on its own monotonic clock."""
         self.taken_over: Holder | None = None
         """The dead holder whose lease this trial moved aside, if it did."""
+        self.seen: tuple[str, str] | None = None
+        self.seen_since = 0.0
+        """The holder's (lease, heartbeat) this trial last saw, and since when (its monotonic clock)."""
 
     def claim(self) -> Holder | None:
         """Claim the stage: None once this trial holds it (its heartbeat then runs), else the live
         holder. A stale holder's lease is moved aside and the stage claimed again."""
         while True:
-            tags = {SWEEP_TAG: self.sweep, RUN_TAG: self.run_id, HEARTBEAT_TAG: str(now_ms())}
+            tags = {SWEEP_TAG: self.sweep, RUN_TAG: self.run_id, HEARTBEAT_TAG: "0"}
             try:
                 self.experiment_id = self.tracker.client.create_experiment(self.name, tags=tags)
             except MlflowException as exc:
@@ -93,14 +107,22 @@ class Lease:
                 holder = self.holder()
                 if holder is None:
                     continue  # released between our two calls
-                if not holder.is_stale(now_ms()) and holder.run_id != self.run_id:
+                if holder.run_id != self.run_id and self.unchanged_for(holder) <= LEASE_TIMEOUT_S:
                     return holder
                 # A dead holder, or this run's own earlier attempt (its process was lost): free the name.
                 self.move_aside(holder, "expired")
                 self.taken_over = holder
                 continue
+            self.renewed = time.monotonic()
             threading.Thread(target=self.beat, name=f"lease {self.name}", daemon=True).start()
             return None
+
+    def unchanged_for(self, holder: Holder) -> float:
+        """Seconds this trial has seen `holder`'s heartbeat unchanged, on its own monotonic clock."""
+        observed = (holder.experiment_id, holder.heartbeat)
+        if observed != self.seen:
+            self.seen, self.seen_since = observed, time.monotonic()
+        return time.monotonic() - self.seen_since
 
     def hold(self, on_wait: Callable[[Holder], None]) -> Held:
         """Wait until the stage is finished (by another sweep) or this trial holds it, calling
@@ -135,26 +157,56 @@ class Lease:
         if experiment is None or experiment.lifecycle_stage != "active":
             return None
         tags = experiment.tags
-        return Holder(tags.get(SWEEP_TAG, "?"), tags.get(RUN_TAG, ""), int(tags.get(HEARTBEAT_TAG, "0")))
+        return Holder(tags.get(SWEEP_TAG, "?"), tags.get(RUN_TAG, ""), tags.get(HEARTBEAT_TAG, ""),
+                      experiment.experiment_id)
+
+    def still_held(self) -> bool:
+        """Whether the stage's lease is still this trial's claim (fencing: ask right before the
+        run becomes the stage's result). Raises if MLflow cannot say."""
+        holder = self.holder()
+        return self.experiment_id is not None and holder is not None and holder.experiment_id == self.experiment_id
+
+    def renewal_age(self) -> float:
+        """Seconds since this holder last renewed its lease, on its own monotonic clock."""
+        return time.monotonic() - self.renewed
 
     def move_aside(self, holder: Holder, why: str) -> None:
         """Free the lease's name (another claim can then create it) and delete the old lease."""
         experiment = self.tracker.client.get_experiment_by_name(self.name)
-        if experiment is None or experiment.tags.get(RUN_TAG) != holder.run_id:
-            return  # moved aside already, or claimed anew by a live trial
+        if experiment is None or experiment.experiment_id != holder.experiment_id:
+            return  # moved aside already, or claimed anew
         with contextlib.suppress(MlflowException):  # another waiter moved it first
             self.tracker.client.rename_experiment(experiment.experiment_id, f"{self.name}-{why}-{uuid.uuid4().hex[:8]}")
             self.tracker.client.delete_experiment(experiment.experiment_id)
 
     def beat(self) -> None:
+        beats = 0
         while not self.stop_heartbeat.wait(HEARTBEAT_S):
-            with contextlib.suppress(Exception):  # MLflow down a while: the timeout is far longer than a beat
-                self.tracker.client.set_experiment_tag(self.experiment_id, HEARTBEAT_TAG, str(now_ms()))
+            beats += 1
+            # Any failure is a renewal missed, whatever its cause: `LeaseGuard` stops the training
+            # once they have gone on for the timeout.
+            with contextlib.suppress(Exception):
+                self.tracker.client.set_experiment_tag(self.experiment_id, HEARTBEAT_TAG, str(beats))
+                self.renewed = time.monotonic()
 
     def release(self) -> None:
         """End this trial's hold, whatever became of its attempt."""
         if self.experiment_id is None:
             return
         self.stop_heartbeat.set()
-        self.move_aside(Holder(self.sweep, self.run_id, 0), "released")
+        self.move_aside(Holder(self.sweep, self.run_id, "", self.experiment_id), "released")
         self.experiment_id = None
+
+
+class LeaseGuard(Callback):
+    """Stops the training (`LeaseLost`) once its holder has not renewed the stage's lease for
+    `LEASE_TIMEOUT_S`, when a waiter may have taken it over (whose run then is the stage's)."""
+
+    def __init__(self, lease: Lease):
+        self.lease = lease
+
+    def on_batch_end(self, epoch: int, batch: int, batches_per_epoch: int) -> None:
+        age = self.lease.renewal_age()
+        if age > LEASE_TIMEOUT_S:
+            raise LeaseLost(f"could not renew the lease of stage {self.lease.key} for {age:.0f} s "
+                            f"(MLflow unreachable?): stopped training it; the retry resumes from its checkpoint")

@@ -30,6 +30,7 @@ from sweeps.core.schema import (
     ROLE_TAG,
     STAGE_KEY_TAG,
     STOPPED_EARLY_TAG,
+    SUPERSEDED_BY_TAG,
     SWEEP_TAG,
     quote,
 )
@@ -189,9 +190,10 @@ class Tracker:
 
     def own_runs(self, experiment_id: str, stage: Stage, role: Role) -> list[Run]:
         """The runs that trained `role` in the experiment (not those linked to a run of another sweep,
-        nor those a scheduler stopped early: their stage is trained again in a new run)."""
-        return [run for run in self.runs_of_stage(stage.key, [experiment_id])
-                if run.info.run_name == role.name and not {REUSED_FROM_TAG, STOPPED_EARLY_TAG} & set(run.data.tags)]
+        nor those a scheduler stopped early or another trial superseded: their stage is trained
+        again in a new run)."""
+        return [run for run in self.runs_of_stage(stage.key, [experiment_id]) if run.info.run_name == role.name
+                and not {REUSED_FROM_TAG, STOPPED_EARLY_TAG, SUPERSEDED_BY_TAG} & set(run.data.tags)]
 
     @staticmethod
     def trial_tags(parent_run_id: str, sweep: str, stage: Stage, role: Role) -> dict[str, str]:
@@ -230,6 +232,12 @@ class Tracker:
         if final:
             self.client.set_tag(run_id, FINAL_FAILURE_TAG, "1")
         self.client.set_terminated(run_id, "KILLED" if killed else "FAILED")
+
+    def supersede_trial(self, run_id: str, taker: Run) -> None:
+        """KILLED, naming the run that took its stage over while it had lost the stage's lease."""
+        self.client.set_tag(run_id, SUPERSEDED_BY_TAG, taker.info.run_id)
+        self.fail_trial(run_id, f"superseded: it lost its stage's lease, and run {taker.info.run_id} "
+                                f"trained the stage (this run's result is not the stage's)", killed=True)
 
     def kill_running_trials(self, experiment_id: str, runs_by_key: dict[str, list[Run]], reason: str) -> None:
         """Mark the experiment's trial runs still RUNNING as KILLED, with `reason` in `bnew.error`

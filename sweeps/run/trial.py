@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import ray
-from mlflow.entities import RunTag
+from mlflow.entities import Run, RunTag
 from mlflow.exceptions import MlflowException
 from pyarrow.fs import FileSelector
 from ray import tune
@@ -31,7 +31,7 @@ from bnew_core.train import train
 from sweeps.core.plan import Stage
 from sweeps.core.schema import DEVICE_TAGS, RESUMED_FROM_TAG
 from sweeps.records import lineage, trial_log
-from sweeps.records.leases import Holder, Lease
+from sweeps.records.leases import Holder, Lease, LeaseGuard, LeaseLost
 from sweeps.records.tracker import Tracker
 from sweeps.run.events import STAGE_ERROR, STAGE_FAILED, WAITING_KEY
 
@@ -246,9 +246,20 @@ def execute_stage(
         lineage.record_trial(tracker.client, run_id, stage, role, context.source_tags, input_runs)
         config = stage.trial_config(work_dir / "output", input_paths)
         logger = MlflowEpochLogger(tracker, run_id)
-        result = train_forcing_metrics(config, [logger, CheckpointUploader(tracker, run_id), *callbacks],
-                                       resume_from, forced_metrics(stage.name))
+        try:
+            result = train_forcing_metrics(config, [logger, CheckpointUploader(tracker, run_id), LeaseGuard(lease),
+                                                    *callbacks], resume_from, forced_metrics(stage.name))
+        except LeaseLost as lost:
+            print(lost, flush=True)
+            result = None
         logger.close()
+        taker = taken_over_by(lease, waiting)  # MLflow unreachable still: raises, and Tune retries the trial
+        if taker is not None:
+            tracker.supersede_trial(run_id, taker)
+            tracker.link_missing_roles(context.experiment_id, context.parent_run_id, context.sweep, stage)
+            return
+        if result is None:  # no renewal for the timeout, and nobody took the stage: the retry goes on with it
+            raise LeaseLost(f"stopped training stage {stage.key} while its lease was not renewed")
         lineage.log_final_model(tracker.client, context.experiment_id, run_id, result.model_path,
                                 int(result.final_metrics["epoch"]), stage.phase)
         trial_log.upload(tracker.client, run_id, log_path, failed=False)
@@ -271,6 +282,18 @@ def execute_stage(
             lease.release()
     if len(stage.roles) > 1:
         tracker.link_missing_roles(context.experiment_id, context.parent_run_id, context.sweep, stage)
+
+
+def taken_over_by(lease: Lease, waiting: Callable[[Holder], None]) -> Run | None:
+    """Fencing, right before a run becomes its stage's result: None while this trial still holds
+    the stage's lease. Else another trial took the stage over (this one was paused or cut off past
+    the timeout): wait for it as any waiter does, and return its finished run; if it died too, this
+    trial holds the stage again (None)."""
+    while not lease.still_held():
+        held = lease.hold(waiting)
+        if held.finished is not None:
+            return held.finished
+    return None
 
 
 class CheckpointUploader(Callback):
