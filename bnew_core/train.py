@@ -115,6 +115,15 @@ def accuracy(model: nn.Module, split: Split, loader: BatchLoader, batch_size: in
     return correct * (100.0 / len(split))
 
 
+def accuracy_on_test_split(model: nn.Module, config: TrialConfig) -> float:
+    """Top-1 accuracy in % of a trained `model` (a trial's `model.pt`, or the network
+    `mlflow.pytorch.load_model` returns) on the trial's test split, normalised as in its training."""
+    data = load_data(config.data)
+    loader = BatchLoader(data.train, data, config.data, config.batch_size, config.seed)
+    with torch.no_grad():
+        return float(accuracy(model, data.test, loader, config.eval_batch_size))
+
+
 def with_device_choice(config: TrialConfig, choice: DeviceChoice) -> TrialConfig:
     """A copy of `config` that tells the callbacks what it trains on (`config.device_choice`);
     the caller's config stays as it was."""

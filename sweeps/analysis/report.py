@@ -124,7 +124,7 @@ def render_failed_markdown(failed: pd.DataFrame) -> str:
 
 @dataclass
 class Report:
-    """What `write_report` produced."""
+    """What `save_report` wrote."""
 
     tables: list[Table]
     failed: pd.DataFrame
@@ -191,6 +191,85 @@ def render(
     return "\n".join(sections + [render_failed_markdown(failed)])
 
 
+@dataclass
+class SweepReport:
+    """A sweep's claims, tables, failed trials and teachers, computed from MLflow and not written
+    anywhere (`build_report`; `sweeps.report`); `save_report` writes it as `bnew sweep report` does."""
+
+    sweep: SweepRuns
+    layout: ReportSpec
+    tables: list[Table]
+    claims: list[ClaimResult]
+    rounds: str
+    """The rounds of seeds that decided the claims (Markdown), if the sweep ran rounds."""
+    failed: pd.DataFrame
+    teachers: pd.DataFrame
+    searches: str
+    """The tuned cells' searches (Markdown), if any."""
+
+    @property
+    def claims_frame(self) -> pd.DataFrame:
+        """One row per claim: its contrast, effect, test, p-values and verdict."""
+        return claims_frame(self.claims)
+
+    @property
+    def tables_frame(self) -> pd.DataFrame:
+        """One row per cell of every table: mean, std and seeds of the reported metric, its test."""
+        return cells_frame(self.tables)
+
+    def text(self, fmt: str = "md") -> str:
+        """The report in one format (md, csv, latex), as `bnew sweep report` writes it."""
+        if fmt not in FORMAT_SUFFIX:
+            raise ReportError(f"unknown format {fmt!r}: expected one of {sorted(FORMAT_SUFFIX)}")
+        text = render(self.tables, self.failed, fmt, self.sweep.name, self.claims, self.teachers,
+                      data_note(self.sweep.spec), self.rounds)
+        if fmt == "md":
+            text += ("\n" + self.searches if self.searches else "") + "\n" + cost.hours_markdown(self.sweep)
+        return text
+
+
+def build_report(sweep_name: str, tracking_uri: str | None = None, compare_to: str | None = None,
+                 select: str | None = None) -> SweepReport:
+    """The sweep's claims and tables from its MLflow runs at `tracking_uri` (default: where `bnew
+    sweep run` tracked it), computed without writing (`sweeps.report`). `select` overrides the
+    spec's `report.select`; `compare_to`: the row or column label every cell is tested against."""
+    sweep = load_sweep(tracking_uri or default_tracking_uri(sweep_name), sweep_name)
+    layout = report_layout(sweep, select)
+    results = result_trials(sweep, layout)
+    tables = build_tables(sweep, compare_to, layout, results)
+    try:
+        claims, rounds = claim_results(results[0], layout, sweep)
+    except BnewError as exc:
+        raise ReportError(str(exc)) from None
+    return SweepReport(sweep, layout, tables, claims, rounds, failed_trials(sweep), teacher_runs(sweep),
+                       tuning_searches(sweep))
+
+
+def save_report(report: SweepReport, out_dir: Path, fmt: str = "md", log_artifacts: bool = True) -> Report:
+    """Write the report (its text in `fmt`, the claims' CSVs, the failed trials, the plots) to
+    `out_dir` and log the files to the sweep's parent run under `report/`."""
+    text = report.text(fmt)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table_path = out_dir / f"report.{FORMAT_SUFFIX[fmt]}"
+    table_path.write_text(text)
+    files = [table_path]
+    if report.claims:
+        claims_path, seeds_path = out_dir / "claims.csv", out_dir / "claims_seeds.csv"
+        report.claims_frame.to_csv(claims_path, index=False)
+        claims_seeds_frame(report.claims).to_csv(seeds_path, index=False)
+        files += [claims_path, seeds_path, plot_claims(report.claims, out_dir / CLAIMS_PLOT,
+                                                       f"{report.sweep.name}: claims, {report.layout.metric}")]
+    if not report.failed.empty:
+        failed_path = out_dir / "failed_trials.csv"
+        report.failed.to_csv(failed_path, index=False)
+        files.append(failed_path)
+    for table in report.tables:
+        files += plot_table(report.sweep, table, out_dir)
+    if log_artifacts:
+        report.sweep.log_files(files, "report")
+    return Report(report.tables, report.failed, text, files, report.claims)
+
+
 def write_report(
     tracking_uri: str,
     sweep_name: str,
@@ -200,46 +279,12 @@ def write_report(
     log_artifacts: bool = True,
     select: str | None = None,
 ) -> Report:
-    """Build the sweep's claims, tables and plots, write them to `out_dir` (default
-    `reports/<sweep>`) and log them to the parent run under `report/`. `select` overrides the
-    spec's `report.select`."""
-    if fmt not in FORMAT_SUFFIX:
+    """`build_report`, then `save_report` to `out_dir` (default `reports/<sweep>`): what `bnew
+    sweep report` does."""
+    if fmt not in FORMAT_SUFFIX:  # before MLflow is read
         raise ReportError(f"unknown format {fmt!r}: expected one of {sorted(FORMAT_SUFFIX)}")
-    sweep = load_sweep(tracking_uri, sweep_name)
-    search_text = tuning_searches(sweep)
-    layout = report_layout(sweep, select)
-    results = result_trials(sweep, layout)
-    tables = build_tables(sweep, compare_to, layout, results)
-    try:
-        claims, rounds = claim_results(results[0], layout, sweep)
-    except BnewError as exc:
-        raise ReportError(str(exc)) from None
-    failed = failed_trials(sweep)
-    out_dir = Path(out_dir or Path("reports") / sweep_name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = render(tables, failed, fmt, sweep_name, claims, teacher_runs(sweep), data_note(sweep.spec), rounds)
-    if search_text and fmt == "md":
-        text += "\n" + search_text
-    if fmt == "md":
-        text += "\n" + cost.hours_markdown(sweep)
-    table_path = out_dir / f"report.{FORMAT_SUFFIX[fmt]}"
-    table_path.write_text(text)
-    files = [table_path]
-    if claims:
-        claims_path, seeds_path = out_dir / "claims.csv", out_dir / "claims_seeds.csv"
-        claims_frame(claims).to_csv(claims_path, index=False)
-        claims_seeds_frame(claims).to_csv(seeds_path, index=False)
-        files += [claims_path, seeds_path,
-                  plot_claims(claims, out_dir / CLAIMS_PLOT, f"{sweep_name}: claims, {layout.metric}")]
-    if not failed.empty:
-        failed_path = out_dir / "failed_trials.csv"
-        failed.to_csv(failed_path, index=False)
-        files.append(failed_path)
-    for table in tables:
-        files += plot_table(sweep, table, out_dir)
-    if log_artifacts:
-        sweep.log_files(files, "report")
-    return Report(tables, failed, text, files, claims)
+    report = build_report(sweep_name, tracking_uri, compare_to, select)
+    return save_report(report, Path(out_dir or Path("reports") / sweep_name), fmt, log_artifacts)
 
 
 def default_tracking_uri(sweep_name: str) -> str:

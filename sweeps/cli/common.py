@@ -58,24 +58,23 @@ def reaching(tracking_uri: str) -> Iterator[None]:
 def load_sweep_plan(spec_arg: str, max_epochs: Optional[int], max_batches: Optional[int], settings: list[str] = (),
                     on_this_machine: bool = True, yes: bool = True, tracking: bool = True,
                     data: bool = True) -> tuple["SweepSpec", "Plan"]:
-    """Spec (with `--set` SETTINGS) and plan, or exit 2 naming the bad key, before Ray or MLflow
-    start: the size from the grid's points first, then the plan, then `check_sweep`'s checks
-    (`on_this_machine` False: the driver runs on a cluster; `tracking`, `data`: see there)."""
-    from sweeps.core.plan import build_plan, grid_points  # lazy: the CLI starts before it knows the command
-    from sweeps.core.spec import load_spec  # lazy: as above
-    from sweeps.run.checks import check_size, check_sweep  # lazy: as above
+    """Spec (with `--set` SETTINGS) and its checked plan (`sweeps.run.checks.checked_plan`), or exit 2
+    naming the bad key, before Ray or MLflow start."""
+    from sweeps.core.spec import load_spec  # lazy: the CLI starts before it knows the command
+    from sweeps.run.checks import checked_plan  # lazy: as above
 
-    for option, value in (("--max-epochs", max_epochs), ("--max-batches", max_batches)):
-        if value is not None and value <= 0:
-            fail(f"{option}: must be positive, got {value}")
+    check_caps(max_epochs, max_batches)
     overrides = parse_set_option(list(settings))
     with user_errors():
         spec = load_spec(spec_arg, overrides)
-        points = grid_points(spec)
-        check_size(spec, points, yes)
-        plan = build_plan(spec, spec_arg, max_epochs, max_batches, points)
-        check_sweep(plan, on_this_machine, tracking, data)
-        return spec, plan
+        return spec, checked_plan(spec, spec_arg, max_epochs, max_batches, yes, on_this_machine, tracking, data)
+
+
+def check_caps(max_epochs: Optional[int], max_batches: Optional[int]) -> None:
+    """--max-epochs and --max-batches, when given, are positive (else exit 2)."""
+    for option, value in (("--max-epochs", max_epochs), ("--max-batches", max_batches)):
+        if value is not None and value <= 0:
+            fail(f"{option}: must be positive, got {value}")
 
 
 def parse_set_option(items: list[str]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from sweeps.cli.common import (
     VERBOSE_HELP,
     WAIT_HELP,
     YES_HELP,
+    check_caps,
     fail,
     load_sweep_plan,
     parse_set_option,
@@ -30,8 +31,8 @@ from sweeps.cli.common import (
 )
 
 if TYPE_CHECKING:
+    from sweeps.analysis.cost import Estimate
     from sweeps.core.plan import Plan
-    from sweeps.records.tracker import Tracker
     from sweeps.run.outcome import SweepOutcome
 
 sweep_app = typer.Typer(
@@ -125,40 +126,29 @@ def plan(
     phase come from finished stages of the same workload in MLflow, else from the bench's figures."""
     if data_dir is not None:
         os.environ["BNEW_DATA_DIR"] = str(data_dir)  # relative dataset roots are read from it
-    sweep_spec, sweep_plan = load_sweep_plan(spec, max_epochs, max_batches, set_, yes=yes, tracking=lookup,
-                                             data=False)
-    reused: set[str] = set()
-    tracker = None
-    uri = sweep_spec.resolved_tracking_uri()
-    with reaching(uri) if lookup else contextlib.nullcontext():  # --no-lookup: no MLflow to import
-        if lookup:
-            from sweeps.records.store import store_exists
-            from sweeps.records.tracker import Tracker
-
-            if store_exists(uri):
-                tracker = Tracker(uri)
-                reused = set(tracker.finished_stages(list(sweep_plan.stages)))
-        print_plan(sweep_plan, reused)
-        print_cost(sweep_plan, reused, tracker, address)
     from sweeps.core.plan import missing_data
     from sweeps.core.rounds import rounds_summary
+    from sweeps.core.spec import load_spec
+    from sweeps.run.planned import plan as plan_sweep
 
+    check_caps(max_epochs, max_batches)
+    with user_errors():
+        sweep_spec = load_spec(spec, parse_set_option(set_))
+    with user_errors(), reaching(sweep_spec.resolved_tracking_uri()) if lookup else contextlib.nullcontext():
+        planned = plan_sweep(sweep_spec, max_epochs, max_batches, yes, lookup, address)
+    print_plan(planned.plan, planned.reused)
+    print_cost(planned.estimate)
     if sweep_spec.axes.seed_rounds is not None:
-        typer.echo(rounds_summary(sweep_plan))
-
-    for line in missing_data(sweep_plan):
+        typer.echo(rounds_summary(planned.plan))
+    for line in missing_data(planned.plan):
         typer.echo(f"{line}: not on this machine; checked where the sweep runs (`run` refuses it here)")
 
 
-def print_cost(plan: "Plan", reused: set[str], tracker: "Tracker | None", address: Optional[str]) -> None:
-    """Hours per phase and in all, and the wall time on the trial slots of the cluster at `address`
-    (or RAY_ADDRESS) or of this machine; `tracker` None: from the bench's figures only."""
-    from sweeps.analysis.cost import estimate, estimate_lines, hours
-    from sweeps.run.resources import trial_resources, visible_slots
+def print_cost(cost: "Estimate") -> None:
+    """Hours per phase and in all, and the wall time on the trial slots the estimate assumed."""
+    from sweeps.analysis.cost import estimate_lines, hours
     from sweeps.ui.tables import show_table
 
-    slots, where = visible_slots(trial_resources(plan.spec), address)
-    cost = estimate(plan, set(plan.stages) - reused, slots, where, tracker)
     show_table("estimated hours", ("stage", "to train", "epochs", "hours"),
                [(name, str(phase.stages), str(phase.epochs), hours(phase.seconds)) for name, phase in cost.phases.items()])
     for line in estimate_lines(cost):

@@ -75,6 +75,23 @@ def axis_tag(axis: str) -> str:
     return f"{TAG_PREFIX}{axis}" if axis in (*AXES, "grid", "stage") else f"{PARAM_TAG_PREFIX}{axis}"
 
 
+CELL_TAGS = tuple(axis_tag(axis) for axis in ("grid", *AXES) if axis != "seed")
+"""Tags that place a trial in its cell (with `bnew.param.*`): all its axes but the seed."""
+
+
+def cell_of(tags: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """A trial's cell from its tags: its axes but the seed (a tuned cell: its label), as sorted tag pairs."""
+    if CELL_TAG in tags:
+        return ((CELL_TAG, tags[CELL_TAG]), (axis_tag("grid"), tags.get(axis_tag("grid"), "")))
+    return tuple(sorted((key, value) for key, value in tags.items()
+                        if key in CELL_TAGS or key.startswith(PARAM_TAG_PREFIX)))
+
+
+def cell_label(tags: dict[str, str]) -> str:
+    """`cell_of` in words: `grid=main dataset=digits optimiser=ste ...`."""
+    return " ".join(f"{key.removeprefix(TAG_PREFIX)}={value}" for key, value in cell_of(tags) if value)
+
+
 def stage_state(runs: Iterable[Any]) -> str:
     """pending | running | done | interrupted | failed, from a stage's MLflow runs (a finished one
     anywhere wins)."""

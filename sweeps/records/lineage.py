@@ -149,6 +149,22 @@ def quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def final_model_uris(client: MlflowClient, experiment_ids: list[str]) -> dict[str, str]:
+    """Run id -> `models:/<id>` of its READY final model, for the runs of `experiment_ids`
+    (what `mlflow.pytorch.load_model` takes)."""
+    uris: dict[str, str] = {}
+    page_token = None
+    while experiment_ids:
+        page = client.search_logged_models(experiment_ids, filter_string=f"name = '{MODEL_NAME}'",
+                                           max_results=1000, page_token=page_token)
+        uris.update({model.source_run_id: f"models:/{model.model_id}" for model in page
+                     if model.status == LoggedModelStatus.READY})
+        page_token = page.token
+        if not page_token:
+            break
+    return uris
+
+
 def log_final_model(client: MlflowClient, experiment_id: str, run_id: str, model_path: Path, step: int,
                     phase: str) -> str:
     """The trial's final network as an MLflow logged model of the run, linked to the run's

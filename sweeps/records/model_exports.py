@@ -17,7 +17,7 @@ from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 
 from bnew_core.config import BnewError
-from sweeps.core.schema import AXES, CELL_TAG, PARAM_TAG_PREFIX, REUSED_FROM_TAG, axis_tag
+from sweeps.core.schema import REUSED_FROM_TAG, axis_tag, cell_of
 from sweeps.records.tracker import Tracker
 
 EXPORT_FOLDER = "export"
@@ -25,8 +25,6 @@ EXPORT_FOLDER = "export"
 MODEL_FILE = "model.pt"
 ACCURACY_METRIC = "final_test_acc_binary"
 """What `--best` ranks a cell's trials by (logged when a trial finishes)."""
-CELL_TAGS = tuple(axis_tag(axis) for axis in ("grid", *AXES) if axis != "seed")
-"""Tags that place a trial in its cell (with `bnew.param.*`): all its axes but the seed."""
 BINARY_WEIGHTS_METRIC = "export_binary_weight_bytes"
 """Bytes the exported binary weights take at 1 bit each (float32 would take 32 times as many)."""
 
@@ -68,15 +66,6 @@ def download_run_model(tracker: Tracker, run_id: str, destination: Path) -> tupl
         raise BnewError(f"run {run_id}: run {holder} has no {MODEL_FILE} (not a finished trial?)") from None
 
 
-def cell_of(run: Run) -> tuple[tuple[str, str], ...]:
-    """The trial's cell: its axes but the seed (a tuned cell: its label), as sorted tag pairs."""
-    tags = run.data.tags
-    if CELL_TAG in tags:
-        return ((CELL_TAG, tags[CELL_TAG]), (axis_tag("grid"), tags.get(axis_tag("grid"), "")))
-    return tuple(sorted((key, value) for key, value in tags.items()
-                        if key in CELL_TAGS or key.startswith(PARAM_TAG_PREFIX)))
-
-
 def sweep_export_targets(tracker: Tracker, sweep: str, best: bool) -> list[ExportTarget]:
     """Every finished quantise trial of the sweep (`best`: the most accurate of each cell), one
     per model (trials sharing a trained run are one), in name order."""
@@ -88,7 +77,7 @@ def sweep_export_targets(tracker: Tracker, sweep: str, best: bool) -> list[Expor
     if best:
         chosen: dict[tuple[tuple[str, str], ...], Run] = {}
         for run in runs:
-            cell = cell_of(run)
+            cell = cell_of(run.data.tags)
             if cell not in chosen or accuracy_of(run) > accuracy_of(chosen[cell]):
                 chosen[cell] = run
         runs = list(chosen.values())

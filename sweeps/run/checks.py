@@ -8,10 +8,23 @@ from typing import Any
 
 from bnew_core.config import BnewError
 from sweeps.core.addresses import check_tracking_reaches, is_local, local_folder
-from sweeps.core.plan import MAX_TRIALS, Plan, grid_factors, missing_data
+from sweeps.core.plan import MAX_TRIALS, Plan, build_plan, grid_factors, grid_points, missing_data
 from sweeps.core.search import trial_count
 from sweeps.core.spec import SweepSpec
 from sweeps.records.store import check_tracking_uri
+
+
+def checked_plan(spec: SweepSpec, source: str | None = None, max_epochs: int | None = None,
+                 max_batches: int | None = None, yes: bool = False, on_this_machine: bool = True,
+                 tracking: bool = True, data: bool = True) -> Plan:
+    """The plan of `spec` (read from `source`, for messages), or a `BnewError` naming what is
+    wrong: more than `MAX_TRIALS` trials without `yes` (counted before any stage is built), then
+    `check_sweep`'s checks (`on_this_machine` False: the driver runs on a cluster)."""
+    points = grid_points(spec)
+    check_size(spec, points, yes)
+    plan = build_plan(spec, source or spec.name, max_epochs, max_batches, points)
+    check_sweep(plan, on_this_machine, tracking, data)
+    return plan
 
 
 def check_size(spec: SweepSpec, points: list[dict[str, Any]], yes: bool) -> None:

@@ -1,0 +1,111 @@
+"""The Python API (`import sweeps`): a user's script runs the demo with `sweeps.load` and
+`sweeps.run` on its own local Ray; `sweeps.results` and `sweeps.report` read it back; MLflow's own
+`search_runs` and `mlflow.pytorch.load_model` agree with them. Also what `import sweeps` loads,
+and that the API refuses what the CLI refuses, with the same messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+import sweeps
+from bnew_core.config import BnewError, build_trial_config
+from bnew_core.train import accuracy_on_test_split
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = """
+import json, sweeps
+spec = sweeps.load("demo", {"name": "api-demo", "axes.seed": [0, 1]})
+planned = sweeps.plan(spec)
+outcome = sweeps.run(spec, local=True, max_epochs=2, max_batches=4)
+print(json.dumps({"stages": len(planned.stages), "trained": len(outcome.trained), "complete": outcome.complete}))
+"""
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, str]:
+    """The demo run by a user's script: its tracking URI, its printed summary and its stderr."""
+    project = tmp_path_factory.mktemp("api")
+    env = {**{k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+           "BNEW_PROJECT_DIR": str(project), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return f"sqlite:///{project / '.bnew' / 'mlflow.db'}", json.loads(done.stdout.splitlines()[-1]), done.stderr
+
+
+def test_a_script_runs_the_demo_and_its_progress_is_logged_once(demo) -> None:
+    _, summary, log = demo
+    assert summary == {"stages": 12, "trained": 12, "complete": True}
+    lines = log.splitlines()
+    done = [line for line in lines if line.startswith("done   api-demo/")]
+    assert len(done) == 12 and len(set(done)) == 12  # each stage's line once, through the `sweeps` logger
+    assert "Traceback" not in log and "Configuration for experiment" not in log  # nor Tune's own tables
+
+
+def test_results_has_a_row_per_trial_as_mlflow_search_runs_has(demo, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri, _, _ = demo
+    frame = sweeps.results("api-demo", uri)
+    assert len(frame) == 12 and set(frame.state) == {"FINISHED"}
+    assert set(frame.optimiser) == {"teacher", "pretrain", "ste", "bmd", "bop", "bnew"} and set(frame.seed) == {"0", "1"}
+    assert frame.stage_key.str.len().min() > 0 and frame.model_uri.str.startswith("models:/").all()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # not mlflow.set_tracking_uri: it outlives the test
+    theirs = mlflow.search_runs(experiment_names=["api-demo"], filter_string="tags.`bnew.role` = 'trial'")
+    assert sorted(theirs["run_id"]) == sorted(frame.run_id)
+    mine = frame.set_index("run_id")["final_test_acc_binary"]
+    assert (theirs.set_index("run_id")["metrics.final_test_acc_binary"] == mine[theirs["run_id"]].to_numpy()).all()
+
+
+def test_every_model_uri_loads_with_mlflow_and_reaches_its_recorded_accuracy(demo, monkeypatch, tmp_path: Path) -> None:
+    uri, _, _ = demo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    for row in sweeps.results("api-demo", uri, best=False).itertuples():
+        config_path = client.download_artifacts(row.run_id, "config.yaml", str(tmp_path / row.run_id))
+        config = build_trial_config(yaml.safe_load(Path(config_path).read_text()))
+        network = mlflow.pytorch.load_model(row.model_uri).eval()
+        # A pretrained model keeps its real-valued weights (its binary accuracy is of their signs);
+        # a quantised one holds the binary weights; a teacher is real-valued (both are the same).
+        recorded = row.final_test_acc_float if row.stage == "pretrain" else row.final_test_acc_binary
+        assert abs(accuracy_on_test_split(network, config) - recorded) < 0.01, row.run_name
+
+
+def test_report_computes_the_claims_and_tables_without_writing(demo, tmp_path: Path, monkeypatch) -> None:
+    uri, _, _ = demo
+    monkeypatch.chdir(tmp_path)
+    report = sweeps.report("api-demo", uri)
+    cells = report.tables_frame
+    assert sorted(cells.row) == ["bmd", "bnew", "bop", "ste"] and (cells.n == 2).all()
+    assert report.text().startswith("# Sweep report: api-demo")
+    assert list(tmp_path.iterdir()) == []  # nothing written here
+    parent = report.sweep.parent_run_id
+    assert mlflow.MlflowClient(uri).list_artifacts(parent, "report") == []  # nor logged
+
+
+def test_import_sweeps_loads_no_torch_ray_or_mlflow() -> None:
+    probe = ("import sys, sweeps; sweeps.load('demo'); "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'torch'}))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_the_api_refuses_what_the_cli_refuses_with_its_messages() -> None:
+    with pytest.raises(BnewError, match="axes.sed"):
+        sweeps.load("demo", {"axes.sed": [0, 1]})
+    huge = sweeps.load("demo", {"axes.seed": list(range(100_000))})
+    with pytest.raises(BnewError, match=r"axes.seed has 100000 values"):
+        sweeps.plan(huge, lookup=False)
+
+
+def test_the_names_stay_the_functions_after_their_modules_are_imported() -> None:
+    import sweeps.plan as shim  # noqa: F401  the old module of the same name
+    import sweeps.run.driver  # noqa: F401  the layer of the same name
+    assert callable(sweeps.plan) and callable(sweeps.run)
+    assert sweeps.run.__module__ == "sweeps.ui.logged_run" and sweeps.plan.__module__ == "sweeps.run.planned"
