@@ -24,6 +24,8 @@ test-long: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench
 
-# The README's screenshots (docs/img/) from a real run of the demo; needs Debian's chromium.
+# The README's screenshots (docs/img/) from a real run of the demo (needs Debian's chromium), and
+# docs/compare-runs.ipynb executed again with its outputs and plot.
 images: $(VENV)/.installed
 	$(VENV)/bin/python docs/make_images.py
+	$(VENV)/bin/python docs/notebooks.py

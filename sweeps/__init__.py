@@ -18,6 +18,7 @@ recorded before the layers (one release)."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import types
 from typing import Any
@@ -31,6 +32,14 @@ API = {
 }
 """Each public name -> the module (in the layer it belongs to) and the function it is."""
 __all__ = list(API)
+
+# MLflow draws a progress bar for each input model and spec it downloads: lines of bars on the
+# console, in --debug runs and in notebooks, that say nothing about the sweep. Ray workers started
+# from here inherit the setting.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Nor two "View run ... / View experiment ..." lines each time a run on a tracking server ends
+# (the sweep prints its experiment's link once; MLflow also spends a request on each).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class Package(types.ModuleType):

@@ -4,7 +4,6 @@ when it runs (torch, Ray, MLflow), so `--help` and light commands start at once.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,13 +25,6 @@ app = typer.Typer(
 @app.callback()
 def main_options() -> None:
     """Train binary neural networks (BNEW, STE, BMD, BOP) one trial at a time or as Ray sweeps."""
-    # MLflow draws a progress bar for each input model and spec it downloads: lines of bars on
-    # the console (and in --debug runs) that say nothing about the sweep. Ray workers started
-    # from here (--local) inherit the setting.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # Nor two "View run ... / View experiment ..." lines each time a run on a tracking server ends
-    # (the sweep prints its experiment's link once; MLflow also spends a request on each).
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class ProgressCallback(Callback):
