@@ -7,7 +7,7 @@ used, so `import sweeps` loads no torch, Ray or MLflow):
     planned = sweeps.plan(spec)                          # .stages (a DataFrame), .estimate
     outcome = sweeps.run(spec, local=True, max_epochs=2)
     frame = sweeps.results("demo")                       # one row per trial
-    report = sweeps.report("demo")                       # .claims_frame, .tables_frame, .text()
+    report = sweeps.report("demo")                       # .claims_frame, .tables_frame, .figures(), .text()
 
 Layers, each importing only those below it (checked by import-linter, `pyproject.toml`):
 `core` (spec, plan, schema; no Ray, MLflow or torch) < `records` (MLflow) < `analysis`

@@ -84,6 +84,9 @@ def test_report_computes_the_claims_and_tables_without_writing(demo, tmp_path: P
     cells = report.tables_frame
     assert sorted(cells.row) == ["bmd", "bnew", "bop", "ste"] and (cells.n == 2).all()
     assert report.text().startswith("# Sweep report: api-demo")
+    figures = report.figures()
+    assert sorted(figures) == [f"api-demo_digits_{name}" for name in ("accuracy", "bars", "dist_lambda", "flips")]
+    assert len(figures["api-demo_digits_bars"].axes[0].patches) == 4  # a bar per optimiser
     assert list(tmp_path.iterdir()) == []  # nothing written here
     parent = report.sweep.parent_run_id
     assert mlflow.MlflowClient(uri).list_artifacts(parent, "report") == []  # nor logged

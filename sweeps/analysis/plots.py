@@ -1,6 +1,7 @@
-"""The report's figures, drawn with matplotlib on the Agg backend (files only, no display): per-epoch
-curves and bars of each table, the claims with their confidence intervals, and a search's metric
-against each tuned param."""
+"""The report's figures: per-epoch curves and bars of each table, the claims with their confidence
+intervals, and a search's metric against each tuned param. Drawn as matplotlib `Figure` objects,
+not through pyplot: no backend is chosen or changed (a notebook keeps its own), a notebook shows
+them as they are (`SweepReport.figures`), and `save_figure` writes them as PNG."""
 
 from __future__ import annotations
 
@@ -35,32 +36,33 @@ def load_histories(sweep: SweepRuns, table: Table, metrics: list[str]) -> pd.Dat
     return pd.DataFrame(records, columns=["row", "column", "run_id", "metric", "step", "value"])
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (files only, no display)."""
-    import matplotlib  # heavy: only the commands that draw
+def new_figure(width: float, height: float) -> Any:
+    """An empty matplotlib Figure of that size in inches, outside pyplot's figure manager."""
+    from matplotlib.figure import Figure  # heavy: only the calls that draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # heavy
+    return Figure(figsize=(width, height))
 
-    return plt
+
+def save_figure(figure: Any, path: Path) -> Path:
+    figure.savefig(path, dpi=100)
+    return path
 
 
 def row_colours(table: Table) -> dict[str, Any]:
     """One colour per row label, the same in every panel and figure."""
-    palette = pyplot().get_cmap("tab10" if len(table.row_labels) <= 10 else "tab20")
+    from matplotlib import colormaps  # heavy
+
+    palette = colormaps["tab10" if len(table.row_labels) <= 10 else "tab20"]
     return {row: palette(index % palette.N) for index, row in enumerate(table.row_labels)}
 
 
-def plot_histories(histories: pd.DataFrame, table: Table, metrics: list[str], path: Path) -> Path:
+def histories_figure(histories: pd.DataFrame, table: Table, metrics: list[str]) -> Any:
     """A panel per (metric, column): mean over seeds per epoch, one line per row, ±std band."""
-    plt = pyplot()
-    from matplotlib.lines import Line2D  # heavy, after the backend is chosen
+    from matplotlib.lines import Line2D  # heavy
     from matplotlib.ticker import MaxNLocator  # heavy
     colours = row_colours(table)
-    figure, axes = plt.subplots(
-        len(metrics), len(table.column_labels), figsize=(4.5 * len(table.column_labels), 3.2 * len(metrics)),
-        squeeze=False, sharex="col",
-    )
+    figure = new_figure(4.5 * len(table.column_labels), 3.2 * len(metrics))
+    axes = figure.subplots(len(metrics), len(table.column_labels), squeeze=False, sharex="col")
     summary = histories.groupby(["metric", "column", "row", "step"]).value.agg(["mean", "std"]).reset_index()
     for (metric_index, metric), (column_index, column) in itertools.product(
         enumerate(metrics), enumerate(table.column_labels)
@@ -83,17 +85,15 @@ def plot_histories(histories: pd.DataFrame, table: Table, metrics: list[str], pa
     figure.legend(handles=legend, loc="center right", fontsize=8)
     figure.suptitle(f"{table.grid} / {table.dataset}: mean ± std over seeds", fontsize=10)
     figure.tight_layout(rect=(0, 0, 0.85, 1))
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return figure
 
 
-def plot_bars(table: Table, path: Path) -> Path:
+def bars_figure(table: Table) -> Any:
     """Grouped bars of the table (a group per column, a bar per row) with ±std error bars and
     the paper's values as black markers."""
-    plt = pyplot()
     colours = row_colours(table)
-    figure, ax = plt.subplots(figsize=(max(5.0, 2.0 + 0.4 * len(table.column_labels) * len(table.row_labels)), 4))
+    figure = new_figure(max(5.0, 2.0 + 0.4 * len(table.column_labels) * len(table.row_labels)), 4)
+    ax = figure.subplots()
     width = 0.8 / len(table.row_labels)
     positions = np.arange(len(table.column_labels))
     for index, row in enumerate(table.row_labels):
@@ -109,30 +109,27 @@ def plot_bars(table: Table, path: Path) -> Path:
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(table.title + (" (black: paper)" if has_paper_values(table) else ""), fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return figure
 
 
-def plot_table(sweep: SweepRuns, table: Table, out_dir: Path) -> list[Path]:
-    """The four figures of a table: accuracy, distance to binary and lambda, flips, bars."""
+def table_figures(sweep: SweepRuns, table: Table) -> dict[str, Any]:
+    """The four figures of a table by file stem (`<table slug>_<name>`): accuracy, distance to
+    binary and lambda, flips (per epoch, from the runs' histories), bars."""
     metric = table.layout.metric
-    figures = {"accuracy": [metric], "dist_lambda": ["dist_to_binary", "lambda"], "flips": ["flip_fraction"]}
-    histories = load_histories(sweep, table, sorted({m for ms in figures.values() for m in ms}))
-    paths = [
-        plot_histories(histories[histories.metric.isin(ms)], table, ms, out_dir / f"{table.slug}_{name}.png")
-        for name, ms in figures.items()
-    ]
-    return paths + [plot_bars(table, out_dir / f"{table.slug}_bars.png")]
+    panels = {"accuracy": [metric], "dist_lambda": ["dist_to_binary", "lambda"], "flips": ["flip_fraction"]}
+    histories = load_histories(sweep, table, sorted({m for ms in panels.values() for m in ms}))
+    figures = {f"{table.slug}_{name}": histories_figure(histories[histories.metric.isin(ms)], table, ms)
+               for name, ms in panels.items()}
+    return {**figures, f"{table.slug}_bars": bars_figure(table)}
 
 
-def plot_claims(results: list[ClaimResult], path: Path, title: str) -> Path:
+def claims_figure(results: list[ClaimResult], title: str) -> Any:
     """Each claim's effect with its 95% CI, coloured by verdict, the paper's effect in black."""
-    plt = pyplot()
-    from matplotlib.lines import Line2D  # heavy, after the backend is chosen
+    from matplotlib.lines import Line2D  # heavy
 
     labels = [f"{result.claim.name}\n{wrapped_reason(result)}" for result in results]
-    figure, ax = plt.subplots(figsize=(12, 0.25 * sum(label.count("\n") + 1 for label in labels) + 1.8))
+    figure = new_figure(12, 0.25 * sum(label.count("\n") + 1 for label in labels) + 1.8)
+    ax = figure.subplots()
     positions = np.arange(len(results))[::-1]
     for y, result in zip(positions, results):
         low, high = result.ci95()
@@ -152,16 +149,14 @@ def plot_claims(results: list[ClaimResult], path: Path, title: str) -> Path:
     ax.legend(handles=legend, fontsize=7, loc="best")
     ax.grid(axis="x", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return figure
 
 
 def plot_search(frame: pd.DataFrame, param: str, metric: str, title: str, log_scale: bool) -> bytes:
     """A search's `metric` against one tuned `param`, one point per trial (`frame`: a search's
     history, `sweeps.analysis.searches.search_history`), trials stopped early marked apart. PNG bytes."""
-    plt = pyplot()
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure = new_figure(5, 3.5)
+    axis = figure.subplots()
     for stopped, marker in ((False, "o"), (True, "x")):
         shown = frame[frame["stopped_early"] == stopped]
         axis.scatter(shown[param], shown[metric], marker=marker,
@@ -174,5 +169,4 @@ def plot_search(frame: pd.DataFrame, param: str, metric: str, title: str, log_sc
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
     return buffer.getvalue()

@@ -23,7 +23,7 @@ from sweeps.analysis.claims import (
     evaluate_claims,
     render_claims_markdown,
 )
-from sweeps.analysis.plots import plot_claims, plot_table
+from sweeps.analysis.plots import claims_figure, save_figure, table_figures
 from sweeps.analysis.rounds import judge_round, recorded_rounds, rounds_text
 from sweeps.analysis.tables import (
     SELECTION_NOTES,
@@ -217,6 +217,15 @@ class SweepReport:
         """One row per cell of every table: mean, std and seeds of the reported metric, its test."""
         return cells_frame(self.tables)
 
+    def figures(self) -> dict[str, Any]:
+        """The report's matplotlib figures by file stem: the claims' (if any) and each table's
+        four (its per-epoch curves read every run's history from MLflow)."""
+        title = f"{self.sweep.name}: claims, {self.layout.metric}"
+        figures = {Path(CLAIMS_PLOT).stem: claims_figure(self.claims, title)} if self.claims else {}
+        for table in self.tables:
+            figures.update(table_figures(self.sweep, table))
+        return figures
+
     def text(self, fmt: str = "md") -> str:
         """The report in one format (md, csv, latex), as `bnew sweep report` writes it."""
         if fmt not in FORMAT_SUFFIX:
@@ -257,14 +266,12 @@ def save_report(report: SweepReport, out_dir: Path, fmt: str = "md", log_artifac
         claims_path, seeds_path = out_dir / "claims.csv", out_dir / "claims_seeds.csv"
         report.claims_frame.to_csv(claims_path, index=False)
         claims_seeds_frame(report.claims).to_csv(seeds_path, index=False)
-        files += [claims_path, seeds_path, plot_claims(report.claims, out_dir / CLAIMS_PLOT,
-                                                       f"{report.sweep.name}: claims, {report.layout.metric}")]
+        files += [claims_path, seeds_path]
     if not report.failed.empty:
         failed_path = out_dir / "failed_trials.csv"
         report.failed.to_csv(failed_path, index=False)
         files.append(failed_path)
-    for table in report.tables:
-        files += plot_table(report.sweep, table, out_dir)
+    files += [save_figure(figure, out_dir / f"{name}.png") for name, figure in report.figures().items()]
     if log_artifacts:
         report.sweep.log_files(files, "report")
     return Report(report.tables, report.failed, text, files, report.claims)
