@@ -18,10 +18,10 @@ recorded before the layers (one release)."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
-import sys
 import types
-from typing import Any
+from typing import Any, Callable
 
 API = {
     "load": ("sweeps.core.spec", "load_spec"),
@@ -42,22 +42,32 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
-class Package(types.ModuleType):
-    """`sweeps.plan` and `sweeps.run` are the API's functions, though `sweeps/plan.py` and
-    `sweeps/run/` are modules too: importing one of those sets the package's attribute of that
-    name, which this package declines, so the name stays the function."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if not (name in API and isinstance(value, types.ModuleType)):
-            super().__setattr__(name, value)
-
-    def __getattr__(self, name: str) -> Any:
-        if name not in API:
-            raise AttributeError(f"module 'sweeps' has no attribute {name!r}")
-        module, function = API[name]
-        value = getattr(importlib.import_module(module), function)
-        super().__setattr__(name, value)
-        return value
+def api_function(name: str) -> Callable[..., Any]:
+    """The API's function `name`, its module imported now (torch, Ray, MLflow load on first use)."""
+    module, function = API[name]
+    return getattr(importlib.import_module(module), function)
 
 
-sys.modules[__name__].__class__ = Package
+def __getattr__(name: str) -> Any:
+    if name not in API:
+        raise AttributeError(f"module 'sweeps' has no attribute {name!r}")
+    function = api_function(name)
+    globals()[name] = function
+    return function
+
+
+class CallableModule(types.ModuleType):
+    """A module that is also one of the API's functions: `sweeps.run` is the layer `sweeps/run/`
+    (`import sweeps.run.driver` works as ever) and `sweeps.run(spec)` runs a sweep;
+    `sweeps.plan` is the import shim `sweeps/plan.py` and `sweeps.plan(spec)` plans one."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return api_function(self.__name__.removeprefix("sweeps."))(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(api_function(self.__name__.removeprefix("sweeps.")))
+
+
+for _name in ("plan", "run"):  # both modules are light: an empty package and a shim over core
+    importlib.import_module(f"sweeps.{_name}").__class__ = CallableModule

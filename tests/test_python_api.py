@@ -5,6 +5,7 @@ and that the API refuses what the CLI refuses, with the same messages."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -107,8 +108,10 @@ def test_the_api_refuses_what_the_cli_refuses_with_its_messages() -> None:
         sweeps.plan(huge, lookup=False)
 
 
-def test_the_names_stay_the_functions_after_their_modules_are_imported() -> None:
-    import sweeps.plan as shim  # noqa: F401  the old module of the same name
-    import sweeps.run.driver  # noqa: F401  the layer of the same name
-    assert callable(sweeps.plan) and callable(sweeps.run)
-    assert sweeps.run.__module__ == "sweeps.ui.logged_run" and sweeps.plan.__module__ == "sweeps.run.planned"
+def test_run_and_plan_are_callable_and_still_the_modules_of_those_names() -> None:
+    import sweeps.plan as shim  # the old module of the same name
+    import sweeps.run.driver as driver  # the layer of the same name
+    assert shim.Stage.__module__ == "sweeps.core.plan" and driver.run_sweep.__module__ == "sweeps.run.driver"
+    assert list(inspect.signature(sweeps.run).parameters)[:3] == ["spec", "local", "address"]
+    assert list(inspect.signature(sweeps.plan).parameters)[:2] == ["spec", "max_epochs"]
+    assert sweeps.plan(sweeps.load("demo"), lookup=False).stages.shape[0] == 12
