@@ -1,6 +1,7 @@
 """The layers of `sweeps/` (README "Architecture"): import-linter's contracts in pyproject.toml
 hold, no module imports another in a cycle, only the CLI imports project modules inside
-functions, and the bottom layer plans every preset without loading Ray, MLflow or torch."""
+functions, the bottom layer plans every preset without loading Ray, MLflow or torch, and `import
+sweeps` (the Python API) loads none of them either."""
 
 from __future__ import annotations
 
@@ -104,3 +105,10 @@ def test_the_core_plans_every_preset_without_ray_mlflow_or_torch() -> None:
     probe = json.loads(result.stdout)
     assert probe["heavy"] == []
     assert probe["sizes"]["demo"] == 8 and probe["sizes"]["paper-table2"] == 115
+
+
+def test_import_sweeps_loads_no_torch_ray_or_mlflow() -> None:
+    probe = ("import sys, sweeps; sweeps.load('demo'); "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'torch'}))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert loaded.stdout.strip() == "[]"
