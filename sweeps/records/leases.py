@@ -175,9 +175,15 @@ class Lease:
         experiment = self.tracker.client.get_experiment_by_name(self.name)
         if experiment is None or experiment.experiment_id != holder.experiment_id:
             return  # moved aside already, or claimed anew
-        with contextlib.suppress(MlflowException):  # another waiter moved it first
-            self.tracker.client.rename_experiment(experiment.experiment_id, f"{self.name}-{why}-{uuid.uuid4().hex[:8]}")
-            self.tracker.client.delete_experiment(experiment.experiment_id)
+        self.retire(experiment.experiment_id, why)
+
+    def retire(self, experiment_id: str, why: str) -> None:
+        """Rename the lease's experiment out of the way (which frees the name) and delete it; a
+        lease another trial moved aside first is left as it is (MLflow refuses to rename a
+        deleted experiment)."""
+        with contextlib.suppress(MlflowException):
+            self.tracker.client.rename_experiment(experiment_id, f"{self.name}-{why}-{uuid.uuid4().hex[:8]}")
+            self.tracker.client.delete_experiment(experiment_id)
 
     def beat(self) -> None:
         beats = 0
@@ -194,7 +200,7 @@ class Lease:
         if self.experiment_id is None:
             return
         self.stop_heartbeat.set()
-        self.move_aside(Holder(self.sweep, self.run_id, "", self.experiment_id), "released")
+        self.retire(self.experiment_id, "released")  # by its id: no need to read it first
         self.experiment_id = None
 
 

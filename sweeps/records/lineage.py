@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, Metric, Param, Run
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    LoggedModelStatus,
+    Metric,
+    Param,
+    Run,
+    RunTag,
+)
 
 from bnew_core.config import build_trial_config
 from sweeps.core.plan import Role, Stage
@@ -109,24 +119,21 @@ def dataset_entity(stage: Stage) -> Dataset:
 
 
 def record_trial(client: MlflowClient, run_id: str, stage: Stage, role: Role, source_tags: dict[str, str],
-                 input_runs: dict[str, str]) -> None:
-    """A trial run's axis params, source tags, dataset input and input-model runs.
+                 input_runs: dict[str, str], tags: dict[str, str] | None = None) -> None:
+    """A trial run's axis params, source tags, input-model runs and other `tags` in one request,
+    then its dataset input.
 
     `input_runs`: trial config field (init_checkpoint, teacher_checkpoint) -> run id that trained it.
     Safe to repeat on a retried run: same params, same dataset, same tags."""
-    tags = {**source_tags, **{INPUT_RUN_TAGS[field]: run for field, run in input_runs.items()}}
-    client.log_batch(run_id, params=axis_params(role))
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    tags = {**source_tags, **{INPUT_RUN_TAGS[field]: run for field, run in input_runs.items()}, **(tags or {})}
+    client.log_batch(run_id, params=axis_params(role), tags=[RunTag(key, value) for key, value in tags.items()])
     client.log_inputs(run_id, datasets=[DatasetInput(dataset_entity(stage), tags=[TRAIN_CONTEXT])])
 
 
 def record_reused(client: MlflowClient, source: Run, run_id: str, role: Role) -> None:
     """A role linked to a run that trained its stage: its own axes, the trainer's source tags."""
-    client.log_batch(run_id, params=axis_params(role))
-    for key in SOURCE_TAGS:
-        if key in source.data.tags:
-            client.set_tag(run_id, key, source.data.tags[key])
+    client.log_batch(run_id, params=axis_params(role),
+                     tags=[RunTag(key, source.data.tags[key]) for key in SOURCE_TAGS if key in source.data.tags])
     if source.inputs is not None and source.inputs.dataset_inputs:
         client.log_inputs(run_id, datasets=list(source.inputs.dataset_inputs))
 

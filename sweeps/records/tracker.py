@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
 from bnew_core.config import BnewError
@@ -173,17 +173,21 @@ class Tracker:
         return Path(self.client.download_artifacts(run.info.run_id, "model.pt", str(destination)))
 
     # --- trial runs ----------------------------------------------------------------------
-    def open_trial_run(self, experiment_id: str, parent_run_id: str, sweep: str, stage: Stage, role: Role) -> str:
-        """The trial's run: a retry or a rerun of the sweep continues the unfinished one."""
+    def open_trial_run(self, experiment_id: str, parent_run_id: str, sweep: str, stage: Stage, role: Role,
+                       tags: dict[str, str] | None = None) -> str:
+        """The trial's run, with `tags` too: a retry or a rerun of the sweep continues the unfinished one."""
+        tags = tags or {}
         for run in self.own_runs(experiment_id, stage, role):
             if run.info.status != "FINISHED":
                 self.client.update_run(run.info.run_id, status="RUNNING")
                 for tag in (ERROR_TAG, FINAL_FAILURE_TAG):
                     if tag in run.data.tags:
                         self.client.delete_tag(run.info.run_id, tag)
+                if tags:
+                    self.client.log_batch(run.info.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
                 return run.info.run_id
         run_id = self.client.create_run(
-            experiment_id, run_name=role.name, tags=self.trial_tags(parent_run_id, sweep, stage, role)
+            experiment_id, run_name=role.name, tags={**self.trial_tags(parent_run_id, sweep, stage, role), **tags}
         ).info.run_id
         self.log_params(run_id, stage.config)
         return run_id

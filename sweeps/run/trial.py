@@ -85,10 +85,10 @@ class MlflowEpochLogger(Callback):
         self.logged_epochs: set[int] = set()
 
     def on_train_start(self, config: Any, start_epoch: int, batches_per_epoch: int) -> None:
+        tags = {DEVICE_TAGS[key]: value for key, value in config.device_choice.record().items()}
         if start_epoch > 0:
-            self.tracker.client.set_tag(self.run_id, RESUMED_FROM_TAG, str(start_epoch))
-        self.tracker.client.log_batch(self.run_id, tags=[
-            RunTag(DEVICE_TAGS[key], value) for key, value in config.device_choice.record().items()])
+            tags[RESUMED_FROM_TAG] = str(start_epoch)
+        self.tracker.client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
         self.logged_epochs = self.tracker.logged_epochs(self.run_id)
         history = (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
         self.pending = [row for row in map(json.loads, history) if int(row["epoch"]) not in self.logged_epochs]
@@ -219,8 +219,8 @@ def execute_stage(
     which sweep this trial waits for."""
     tracker = Tracker(context.tracking_uri)
     role = stage.roles[0]
-    run_id = tracker.open_trial_run(context.experiment_id, context.parent_run_id, context.sweep, stage, role)
-    tracker.client.set_tag(run_id, NODE_TAG, node_name())
+    run_id = tracker.open_trial_run(context.experiment_id, context.parent_run_id, context.sweep, stage, role,
+                                    {NODE_TAG: node_name()})
     log_path = work_dir / trial_log.LOG_NAME
     lease = Lease(tracker, stage.key, context.sweep, run_id)
     try:
@@ -233,17 +233,16 @@ def execute_stage(
             tracker.client.delete_run(run_id)
             tracker.link_missing_roles(context.experiment_id, context.parent_run_id, context.sweep, stage)
             return
+        run_tags = dict(tags or {})
         if held.previous is not None and resume_from is None:
             resume_from = continued_checkpoint(tracker, held.previous, work_dir / "continued")
-            tracker.client.set_tag(run_id, CONTINUED_FROM_TAG, held.previous)
-        for tag, value in (tags or {}).items():
-            tracker.client.set_tag(run_id, tag, value)
+            run_tags[CONTINUED_FROM_TAG] = held.previous
         input_paths = {
             field_name: tracker.download_model(key, work_dir / "inputs" / field_name)
             for field_name, key in stage.inputs.items()
         }
         input_runs = {field_name: tracker.finished_stages([key])[key].info.run_id for field_name, key in stage.inputs.items()}
-        lineage.record_trial(tracker.client, run_id, stage, role, context.source_tags, input_runs)
+        lineage.record_trial(tracker.client, run_id, stage, role, context.source_tags, input_runs, run_tags)
         config = stage.trial_config(work_dir / "output", input_paths)
         logger = MlflowEpochLogger(tracker, run_id)
         try:
