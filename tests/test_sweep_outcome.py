@@ -1,6 +1,7 @@
 """How a sweep's closing lines sort its unfinished stages, from MLflow (`sweeps.run.driver.finish`):
 a trial stopped from outside (Ctrl-C, `bnew sweep stop`, a lost process) is interrupted, not
-failed; and another sweep's run of a shared stage says nothing about this sweep's."""
+failed; another sweep's run of a shared stage says nothing about this sweep's; and a retried
+trial reopens its run without the failed attempt's error."""
 
 from __future__ import annotations
 
@@ -44,3 +45,18 @@ def test_stopped_trials_are_interrupted_and_a_failed_one_failed(tmp_path: Path, 
     err = capsys.readouterr().err
     assert f"failed: {stages[0].name}" in err and f"interrupted: {stages[1].name}" in err
     assert f"failed: {stages[1].name}" not in err and f"failed: {stages[2].name}" not in err
+
+
+def test_a_retried_trial_reopens_its_run_without_the_failed_attempts_error_and_log_tail(tmp_path: Path) -> None:
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    stage = next(iter(build_plan(load_spec("demo"), "demo", 1, 1).stages.values()))
+    experiment_id = tracker.experiment_id("demo")
+    parent = tracker.client.create_run(experiment_id, tags={"bnew.role": "sweep"}).info.run_id
+    run_id = tracker.open_trial_run(experiment_id, parent, "demo", stage, stage.roles[0], {"bnew.node": "first"})
+    tracker.client.set_tag(run_id, "bnew.log_tail", "Traceback ...\nRuntimeError: lost")
+    tracker.fail_trial(run_id, "RuntimeError: lost")
+    again = tracker.open_trial_run(experiment_id, parent, "demo", stage, stage.roles[0], {"bnew.node": "second"})
+    run = tracker.client.get_run(again)
+    assert again == run_id and run.info.status == "RUNNING"
+    assert not {"bnew.error", "bnew.log_tail", "bnew.final_failure"} & set(run.data.tags)
+    assert run.data.tags["bnew.node"] == "second"  # where the retry runs

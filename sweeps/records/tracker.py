@@ -25,6 +25,7 @@ from sweeps.core.schema import (
     ERROR_TAG,
     FINAL_FAILURE_TAG,
     INTERRUPTED_TAG,
+    LOG_TAIL_TAG,
     MLFLOW_PARENT_TAG,
     REUSED_FROM_TAG,
     ROLE_TAG,
@@ -180,7 +181,7 @@ class Tracker:
         for run in self.own_runs(experiment_id, stage, role):
             if run.info.status != "FINISHED":
                 self.client.update_run(run.info.run_id, status="RUNNING")
-                for tag in (ERROR_TAG, FINAL_FAILURE_TAG):
+                for tag in (ERROR_TAG, FINAL_FAILURE_TAG, LOG_TAIL_TAG):  # the failed attempt's
                     if tag in run.data.tags:
                         self.client.delete_tag(run.info.run_id, tag)
                 if tags:

@@ -83,7 +83,8 @@ def tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 def upload(client: MlflowClient, run_id: str, path: Path, failed: bool) -> None:
-    """The log as `logs/trial.log` of the run; a failed run also gets its last lines as a tag."""
+    """The log as `logs/trial.log` of the run; a failed run also gets its last lines as a tag
+    (which its retry drops as it reopens the run: `Tracker.open_trial_run`)."""
     if not path.is_file():
         return
     sys.stdout.flush()
@@ -91,6 +92,3 @@ def upload(client: MlflowClient, run_id: str, path: Path, failed: bool) -> None:
     client.log_artifact(run_id, str(path), ARTIFACT_DIR)
     if failed:
         client.set_tag(run_id, LOG_TAIL_TAG, tail(path))
-    else:
-        with contextlib.suppress(Exception):  # a retry that succeeded: the old tail no longer applies
-            client.delete_tag(run_id, LOG_TAIL_TAG)
