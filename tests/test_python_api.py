@@ -11,9 +11,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import pytest
+import torch
 import yaml
 
 import sweeps
@@ -64,7 +66,18 @@ def test_results_has_a_row_per_trial_as_mlflow_search_runs_has(demo, monkeypatch
     assert (theirs.set_index("run_id")["metrics.final_test_acc_binary"] == mine[theirs["run_id"]].to_numpy()).all()
 
 
-def test_every_model_uri_loads_with_mlflow_and_reaches_its_recorded_accuracy(demo, monkeypatch, tmp_path: Path) -> None:
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread, as Ray ran each 1-CPU trial (OMP_NUM_THREADS=1): the same sums in the
+    same order, so a binary activation whose input lies near 0 flips neither there nor here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_model_uri_loads_with_mlflow_and_reaches_its_recorded_accuracy(demo, monkeypatch, tmp_path: Path,
+                                                                            one_thread) -> None:
     uri, _, _ = demo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = mlflow.MlflowClient(uri)
