@@ -14,8 +14,9 @@ from sweeps.records.sweep_runs import load_sweep
 
 FIRST_COLUMNS = ("run_id", "run_name", "state", "stage", "grid", *AXES, "stage_key", "reused_from", "model_uri")
 """The columns every `results` frame starts with; `param.*` axes, `final_*` and `best_val_*` metrics follow."""
-BEST_METRICS = ("test_acc_binary", "test_acc")
-"""Metrics also given at each run's epoch of best validation accuracy (`best_val_<metric>`)."""
+BEST_METRICS = ("test_acc_binary",)
+"""Metrics also given at each run's epoch of best validation accuracy (`best_val_<metric>`): the
+one the report reads (each costs a history request per run)."""
 
 
 def results(name: str, tracking_uri: str | None = None, best: bool = True) -> pd.DataFrame:
