@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -338,6 +339,7 @@ def tune_trial(config: dict[str, Any], hold_last_report: bool = False) -> None:
     scheduler deciding on it (ASHA's top rung) cannot stop the trial while it records itself."""
     stage, context = Stage.from_dict(config["stage"]), SweepContext(**config["sweep"])
     hide_unreserved_gpus()
+    quiet_sigterm_in_finalisers()
     # Not Tune's trial dir: on the driver's node that folder is synced to the storage while the
     # trainer renames its files in it. What must outlive the attempt goes to Tune's checkpoint
     # and to MLflow.
@@ -387,6 +389,20 @@ def hide_unreserved_gpus() -> None:
     Tune reuses keeps the same reservation for every trial it runs."""
     if not ray.get_gpu_ids():
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def quiet_sigterm_in_finalisers() -> None:
+    """Ray's worker turns SIGTERM into SystemExit wherever Python is. When Tune stops the trial's
+    actor as it finishes, that can land in a finaliser (a weakref callback, a `__del__`), where
+    Python cannot raise: it prints "Exception ignored in ..." and a traceback, which `--verbose`
+    streams to the console of a healthy sweep. Such a SystemExit is dropped silently (Python drops
+    it either way); any other unraisable exception is still printed."""
+
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            sys.__unraisablehook__(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def restore_checkpoint(checkpoint: Any, destination: Path) -> tuple[Path | None, list[str]]:
