@@ -15,16 +15,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from tests.servers import free_port
+from tests.servers import free_port, process_table
 
 RAY = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "ray"
-
-
-def processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process on the machine."""
-    table = subprocess.run(["ps", "-ww", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
-    rows = (line.split(None, 2) for line in table.splitlines())
-    return {int(row[0]): (int(row[1]), row[2] if len(row) > 2 else "") for row in rows}
 
 
 class LoopbackCluster:
@@ -60,7 +53,7 @@ class LoopbackCluster:
     def stop(self) -> None:
         """SIGKILL every process of these nodes: the `ray start`s, what they started, and anything
         naming this cluster's temp folder or port (Ray's client server), each by its id."""
-        table = processes()
+        table = process_table()
         marks = (self.temp_dir, f"--address=127.0.0.1:{self.port}", f"--gcs-address=127.0.0.1:{self.port}")
         ours = {node.pid for node in self.nodes} | {
             pid for pid, (_, args) in table.items() if any(mark in args for mark in marks)}
