@@ -57,7 +57,9 @@ def free_port() -> int:
 class LoopbackCluster:
     """`cluster/start_local.sh` in `state` with free ports; `env` is what a driver needs."""
 
-    def __init__(self, state: Path, workers: int, backend: str, code: Path = REPO) -> None:
+    def __init__(self, state: Path, workers: int, backend: str, code: Path = REPO,
+                 node_env: dict[str, str] | None = None) -> None:
+        """`node_env`: more variables for every node (and so every trial and job driver)."""
         self.state, self.code = state, code
         self.base_env = {
             **os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(code),
@@ -66,6 +68,7 @@ class LoopbackCluster:
             "DASHBOARD_PORT": str(free_port()), "RAY_CLIENT_PORT": str(free_port()),
             # MLflow 3's GenAI job runners (~1 GB), which no sweep uses.
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+            **(node_env or {}),
         }
         self.env: dict[str, str] = {}
 

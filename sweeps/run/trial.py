@@ -52,6 +52,10 @@ METRICS_ENV = "BNEW_SWEEP_METRICS"
 matches trains as usual, but its callbacks (MLflow, Tune) and its recorded final metrics see
 those values over the trainer's, so a test decides the numbers its report judges, the same on
 every CPU. (Epochs a restored checkpoint's metrics.jsonl resends to MLflow keep the trained ones.)"""
+UNFENCED_ENV = "BNEW_SWEEP_UNFENCED"
+"""Test hook (`python -m bench.chaos --known-bad`): set on a trial's node, a holder that lost its
+stage's lease trains on and records its run as the stage's result anyway, as before fencing, so
+the chaos soak's checker is shown to catch the duplicate."""
 FAULT_GATE_ENV = "BNEW_SWEEP_FAULT_GATE"
 """Test hook: with `FAULT_ENV`, the fault waits at its epoch until this file exists."""
 CONTINUED_FROM_TAG = "bnew.continued_from_run"
@@ -246,14 +250,17 @@ def execute_stage(
         lineage.record_trial(tracker.client, run_id, stage, role, context.source_tags, input_runs, run_tags)
         config = stage.trial_config(work_dir / "output", input_paths)
         logger = MlflowEpochLogger(tracker, run_id)
+        fenced = not os.environ.get(UNFENCED_ENV)
         try:
-            result = train_forcing_metrics(config, [logger, CheckpointUploader(tracker, run_id), LeaseGuard(lease),
-                                                    *callbacks], resume_from, forced_metrics(stage.name))
+            result = train_forcing_metrics(config, [logger, CheckpointUploader(tracker, run_id),
+                                                    *([LeaseGuard(lease)] if fenced else []), *callbacks],
+                                           resume_from, forced_metrics(stage.name))
         except LeaseLost as lost:
             print(lost, flush=True)
             result = None
         logger.close()
-        taker = taken_over_by(lease, waiting)  # MLflow unreachable still: raises, and Tune retries the trial
+        # MLflow unreachable still: raises, and Tune retries the trial.
+        taker = taken_over_by(lease, waiting) if fenced else None
         if taker is not None:
             tracker.supersede_trial(run_id, taker)
             tracker.link_missing_roles(context.experiment_id, context.parent_run_id, context.sweep, stage)
