@@ -56,6 +56,20 @@ def test_of_racing_claims_exactly_one_holds_the_stage(tracker: Tracker) -> None:
         assert tracker.client.get_experiment_by_name(f"{leases.LEASE_PREFIX}key{attempt}") is None
 
 
+def poll_until_taken_over(waiter: Lease, timeout: float, poll: float) -> tuple[float, int]:
+    """Claim every `poll` seconds until `waiter` holds the lease: then how long it had seen the
+    last heartbeat unchanged, and how many polls kept the holder though they began with that
+    heartbeat unchanged past `timeout` (each had to take over)."""
+    started, late_polls = time.monotonic(), 0
+    while True:
+        observed, unchanged = waiter.seen, time.monotonic() - waiter.seen_since
+        if waiter.claim() is None:
+            return time.monotonic() - waiter.seen_since, late_polls
+        late_polls += waiter.seen == observed and unchanged > timeout
+        assert time.monotonic() - started < 300, "the lease was never taken over"  # a hang, not a timing
+        time.sleep(poll)
+
+
 def test_a_lease_is_stale_once_its_heartbeat_stays_unchanged_for_the_timeout(tracker: Tracker, monkeypatch) -> None:
     """Staleness by observation: whatever time the heartbeat says, a waiter takes the lease over
     only after seeing it unchanged for LEASE_TIMEOUT_S on its own monotonic clock."""
@@ -72,16 +86,9 @@ def test_a_lease_is_stale_once_its_heartbeat_stays_unchanged_for_the_timeout(tra
     first.stop_heartbeat.set()  # its driver dies: the heartbeat stops changing
     time.sleep(0.2)  # a beat in flight lands
     third = Lease(tracker, "k", "c", "run-c")  # a waiter that starts looking now
-    looking_since, late_polls = time.monotonic(), 0
-    while True:
-        observed, unchanged = third.seen, time.monotonic() - third.seen_since
-        if third.claim() is None:
-            break
-        # A poll that began with the same heartbeat already unchanged past the timeout had to take over.
-        late_polls += third.seen == observed and unchanged > timeout
-        time.sleep(0.1)  # its poll interval
-    taken = time.monotonic()
-    assert taken - third.seen_since >= timeout and taken - looking_since >= timeout and late_polls == 0
+    looking_since = time.monotonic()
+    unchanged, late_polls = poll_until_taken_over(third, timeout, poll=0.1)
+    assert unchanged >= timeout and time.monotonic() - looking_since >= timeout and late_polls == 0
     assert third.holder().run_id == "run-c" and third.taken_over.run_id == "run-a"
 
 
@@ -125,17 +132,8 @@ def test_a_holder_whose_clock_is_an_hour_off_keeps_its_lease_while_it_renews(tmp
                 assert waiter.claim().run_id == "run-holder"
                 time.sleep(poll)
             kill_holder()
-            died, late_polls = time.monotonic(), 0
-            while True:
-                seen, unchanged = waiter.seen, time.monotonic() - waiter.seen_since
-                if waiter.claim() is None:
-                    break
-                # A poll that began with the same heartbeat already unchanged past the timeout had to take over.
-                late_polls += waiter.seen == seen and unchanged > timeout
-                assert time.monotonic() - died < 300, "the dead holder's lease was never taken over"
-                time.sleep(poll)
-            unchanged_at_takeover = time.monotonic() - waiter.seen_since
-        assert unchanged_at_takeover >= timeout and late_polls == 0, (unchanged_at_takeover, late_polls)
+            unchanged, late_polls = poll_until_taken_over(waiter, timeout, poll)
+        assert unchanged >= timeout and late_polls == 0, (unchanged, late_polls)
         assert waiter.holder().run_id == "run-waiter"
     finally:
         with contextlib.suppress(ProcessLookupError):
