@@ -28,8 +28,9 @@ resubmission or of a node's restart), or else mid-epoch of a trial (trial faults
 After both sweeps' last jobs end, the checker asserts: every stage key has exactly one FINISHED
 run that trained it; every (run, epoch metric, step) is logged once and each trained run's last
 step is its stage's last epoch; no run is left RUNNING; both sweeps' last jobs SUCCEEDED; every
-trained run has its model and checkpoint artifacts. Unless `--no-baseline`, the same sweeps
-(other training seeds, so nothing is reused) first run without faults, for the time ratio. Last
+trained run has its model and checkpoint artifacts; and, unless `--no-baseline` (then the same
+sweeps, with other training seeds so that nothing is reused, first run without faults), that the
+faulted run took at most 1.5 times as long. Last
 line: `faults K confirmed of N (kinds ...); stages S; lost L; duplicated D; left running R; time
 ratio T`; the exit status is 1 if any invariant fails. `--known-bad` turns the lease fencing off
 on the nodes (`BNEW_SWEEP_UNFENCED`), so a paused holder records its run beside the taker's: the
@@ -88,6 +89,7 @@ CONFIRM_TIMEOUT_S = 180
 TRIAL_TITLE = "ray::ImplicitFunc.train"
 """Ray's process title of a function trainable while it trains."""
 CLOCK_DIR = Path(__file__).resolve().parent / "chaos_clock"
+MAX_TIME_RATIO = 1.5
 
 
 def mlflow_retry_budget_s() -> float:
@@ -457,6 +459,8 @@ class Verdict:
     short: list[str] = field(default_factory=list)
     missing_artifacts: list[str] = field(default_factory=list)
     jobs_not_succeeded: list[str] = field(default_factory=list)
+    too_slow: list[str] = field(default_factory=list)
+    """The faulted sweeps' wall time past `MAX_TIME_RATIO` times the fault-free run's."""
 
     @property
     def failures(self) -> dict[str, list[str]]:
@@ -566,6 +570,8 @@ def soak(args: argparse.Namespace, state: Path) -> int:
     wall_s = run_sweeps(soak, paths, faults)
     verdict = check(paths, args.max_batches, dict(soak.jobs), soak.jobs_client)
     ray.shutdown()
+    if baseline_s and wall_s > MAX_TIME_RATIO * baseline_s:
+        verdict.too_slow.append(f"{wall_s:.0f} s against {baseline_s:.0f} s fault-free")
     injected = [fault for fault in faults if fault.at_s is not None]
     confirmed = [fault for fault in injected if fault.confirmed]
     with open(history, "a") as out:
