@@ -204,6 +204,8 @@ class Soak:
         self.resumed_at: list[float] = []
         self.lock = threading.Lock()
         self.node_lock = threading.Lock()  # one node fault at a time: each waits for Ray to see the node dead
+        # One restart of a server at a time: a second one waits for the first's server to be back.
+        self.mlflow_lock, self.postgres_lock = threading.Lock(), threading.Lock()
 
     def now(self) -> float:
         return round(time.monotonic() - self.started, 1)
@@ -302,13 +304,18 @@ class Soak:
               f"{' (' + fault.note + ')' if fault.note else ''}", flush=True)
 
     def trial_kill(self, fault: Fault, specs: dict[str, Path]) -> None:
-        trials = wait_until(self.trials, timeout=120)
-        if not trials:
-            fault.note = "no trial trained within 120 s"
-            return
-        victim, node_id = self.rng.choice(trials)
-        fault.target, fault.phase = f"trial pid {victim}", self.phase(node_id)
-        os.kill(victim, signal.SIGKILL)
+        victim = None
+        while victim is None:  # a trial that ended (or whose node another fault killed) meanwhile: the next one
+            trials = wait_until(self.trials, timeout=120)
+            if not trials:
+                fault.note = "no trial trained within 120 s"
+                return
+            victim, node_id = self.rng.choice(trials)
+            fault.target, fault.phase = f"trial pid {victim}", self.phase(node_id)
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                victim = None
         if wait_until(lambda: not alive(victim), timeout=30):
             after = wait_until(lambda: [pid for pid, _ in self.trials() if pid != victim], timeout=120)
             fault.confirmed = f"pid {victim} gone" + (f"; trial pid {after[0]} trains next" if after else "")
@@ -380,6 +387,10 @@ class Soak:
             fault.confirmed = f"job {ended}; submitted again with --resume as {resubmitted}"
 
     def mlflow_restart(self, fault: Fault, specs: dict[str, Path]) -> None:
+        with self.mlflow_lock:
+            self.restart_mlflow(fault)
+
+    def restart_mlflow(self, fault: Fault) -> None:
         pid_file = self.state / "mlflow.pid"
         pid = int(pid_file.read_text())
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
@@ -406,6 +417,10 @@ class Soak:
         return False
 
     def postgres_restart(self, fault: Fault, specs: dict[str, Path]) -> None:
+        with self.postgres_lock:
+            self.restart_postgres(fault)
+
+    def restart_postgres(self, fault: Fault) -> None:
         folder = self.state / "postgres"
         root = (folder / "root").read_text().strip()
         pg_bin = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
