@@ -61,6 +61,7 @@ import ray
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from urllib3.exceptions import MaxRetryError, ProtocolError
@@ -261,11 +262,15 @@ class Soak:
         return [e.experiment_id for e in self.client.search_experiments() if e.name in self.jobs]
 
     def waited_holder(self) -> tuple[tuple[int, str], str] | None:
-        """A trial process holding a stage that the other sweep waits for, and the stage's key."""
-        waiting = self.client.search_runs(self.experiment_ids(),
-                                          f"attributes.status = 'RUNNING' and tags.`{WAITING_FOR_TAG}` != ''")
-        for waiter in waiting:
-            holder = self.client.get_run(waiter.data.tags[WAITING_FOR_TAG])
+        """A trial process holding a stage that the other sweep waits for, and the stage's key
+        (None while there is none, or while another fault keeps MLflow away)."""
+        try:
+            waiting = self.client.search_runs(self.experiment_ids(),
+                                              f"attributes.status = 'RUNNING' and tags.`{WAITING_FOR_TAG}` != ''")
+            holders = [self.client.get_run(waiter.data.tags[WAITING_FOR_TAG]) for waiter in waiting]
+        except MlflowException:
+            return None
+        for holder in holders:
             node_id = holder.data.tags.get(NODE_TAG, "").rsplit("/", 1)[-1]
             if holder.info.status != "RUNNING" or not node_id:
                 continue
