@@ -55,7 +55,7 @@ import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import ray
 import yaml
@@ -72,6 +72,7 @@ from bnew_core.callbacks import EPOCH_METRICS
 from sweeps.core.plan import Stage
 from sweeps.core.schema import RESUMED_FROM_TAG, REUSED_FROM_TAG, ROLE_TAG, STAGE_KEY_TAG
 from sweeps.core.spec import load_spec
+from sweeps.records.tracker import Tracker
 from sweeps.run.checks import checked_plan
 from sweeps.run.jobs import job_client, submit_sweep
 from sweeps.run.trial import NODE_TAG, WAITING_FOR_TAG
@@ -487,16 +488,6 @@ class Verdict:
         return {name: values for name, values in asdict(self).items() if name != "stages" and values}
 
 
-def all_runs(client: Any, experiment_ids: list[str]) -> Iterator[Any]:
-    token = None
-    while True:
-        page = client.search_runs(experiment_ids, max_results=1000, page_token=token)
-        yield from page
-        token = page.token
-        if not token:
-            return
-
-
 def check_runs(client: MlflowClient, stages: dict[str, Stage], runs: list[Run]) -> Verdict:
     """The invariants on the sweeps' runs (`runs`, every active run of their experiments) for the
     stages they plan: one FINISHED trained run per stage, each epoch metric logged once per step up
@@ -527,13 +518,14 @@ def check_runs(client: MlflowClient, stages: dict[str, Stage], runs: list[Run]) 
 
 def check(spec_paths: list[Path], max_batches: int, last_jobs: dict[str, str], jobs_client: Any) -> Verdict:
     """The invariants, read from MLflow (runs, metric histories, artifacts) and Ray (the jobs)."""
-    client, stages, names = MlflowClient(), {}, []
+    stages, names = {}, []
     for path in spec_paths:
         spec = load_spec(str(path))
         stages.update(checked_plan(spec, None, None, max_batches, True, tracking=False, data=False).stages)
         names.append(spec.name)
-    experiments = [e.experiment_id for e in client.search_experiments() if e.name in names]
-    verdict = check_runs(client, stages, list(all_runs(client, experiments)))
+    tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"])
+    experiments = [e.experiment_id for e in tracker.client.search_experiments() if e.name in names]
+    verdict = check_runs(tracker.client, stages, tracker.search_all(experiments, ""))
     verdict.jobs_not_succeeded = [f"{name}: {job} {status}" for name, job in last_jobs.items()
                                   if (status := str(jobs_client.get_job_status(job))) != "SUCCEEDED"]
     return verdict
