@@ -215,13 +215,14 @@ def server(tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def driver(tmp_path: Path, server: str, sweep: dict, **env: str) -> subprocess.Popen:
+def driver(tmp_path: Path, server: str, sweep: dict, command: str = "run", **env: str) -> subprocess.Popen:
+    """`bnew sweep run` (or `command`) of `sweep` on its own local Ray, logging to `server`."""
     path = tmp_path / f"{sweep['name']}.yaml"
     path.write_text(yaml.safe_dump(sweep))
     variables = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BNEW_SWEEP_FAULT")},
                  "MLFLOW_TRACKING_URI": server, "BNEW_PROJECT_DIR": str(tmp_path), "BNEW_LEASE_POLL_S": "1",
                  "BNEW_LEASE_HEARTBEAT_S": "1", "BNEW_LEASE_TIMEOUT_S": "8", **env}
-    return subprocess.Popen([sys.executable, "-m", "sweeps.cli", "sweep", "run", str(path), "--local", "--max-batches",
+    return subprocess.Popen([sys.executable, "-m", "sweeps.cli", "sweep", command, str(path), "--local", "--max-batches",
                              "8"], cwd=tmp_path, env=variables, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -287,6 +288,17 @@ def test_the_leading_driver_killed_mid_stage_the_other_sweep_takes_it_over(tmp_p
     assert len(finished) == 1 and finished[0].data.tags["bnew.sweep"] == "follower"
     assert finished[0].data.tags["bnew.continued_from_run"] == runs[0].info.run_id  # the leader's run
     assert int(finished[0].data.tags["bnew.resumed_from_epoch"]) >= 2  # from its checkpoint, not from scratch
+    # The leader's run died with its driver, RUNNING; resumed, the leader links the follower's run
+    # and marks its own superseded by it, so no run of either sweep is left RUNNING.
+    resumed = driver(tmp_path, server, spec("leader", "ste", 60), command="resume")
+    output = resumed.communicate(timeout=900)[0]
+    assert resumed.returncode == 0, output
+    client = MlflowClient(server)
+    leader_run = client.get_run(runs[0].info.run_id)
+    assert leader_run.info.status == "KILLED"
+    assert leader_run.data.tags["bnew.superseded_by"] == finished[0].info.run_id
+    everything = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [run.info.run_name for run in everything if run.info.status == "RUNNING"] == []
 
 
 def trial_process(driver_process: subprocess.Popen) -> int | None:

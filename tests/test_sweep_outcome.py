@@ -1,7 +1,8 @@
 """How a sweep's closing lines sort its unfinished stages, from MLflow (`sweeps.run.driver.finish`):
 a trial stopped from outside (Ctrl-C, `bnew sweep stop`, a lost process) is interrupted, not
-failed; another sweep's run of a shared stage says nothing about this sweep's; and a retried
-trial reopens its run without the failed attempt's error."""
+failed; another sweep's run of a shared stage says nothing about this sweep's; a retried
+trial reopens its run without the failed attempt's error; and an attempt left RUNNING (its node
+and driver lost) whose stage another sweep then trained is superseded when the sweep comes back."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from sweeps.core.plan import build_plan
 from sweeps.core.spec import load_spec
 from sweeps.cli.sweep import report_outcome
 from sweeps.records.tracker import Tracker
-from sweeps.run.driver import finish
+from sweeps.run.driver import finish, open_sweep
 from sweeps.run.outcome import SweepOutcome
 from sweeps.run.trial import SweepContext
 
@@ -60,3 +61,25 @@ def test_a_retried_trial_reopens_its_run_without_the_failed_attempts_error_and_l
     assert again == run_id and run.info.status == "RUNNING"
     assert not {"bnew.error", "bnew.log_tail", "bnew.final_failure"} & set(run.data.tags)
     assert run.data.tags["bnew.node"] == "second"  # where the retry runs
+
+
+def test_an_attempt_left_running_whose_stage_another_sweep_trained_is_superseded_when_the_sweep_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    spec = load_spec("demo")
+    plan = build_plan(spec, "demo", 1, 1)
+    tracker = Tracker(spec.resolved_tracking_uri())
+    experiment_id, other = tracker.experiment_id(spec.name), tracker.experiment_id("another-sweep")
+    parent = tracker.open_sweep_run(experiment_id, spec.name, "")
+    stage = next(iter(plan.stages.values()))
+    lost = tracker.open_trial_run(experiment_id, parent, spec.name, stage, stage.roles[0])  # its node died: RUNNING
+    taker = tracker.open_trial_run(other, parent, "another-sweep", stage, stage.roles[0])
+    tracker.client.set_terminated(taker, "FINISHED")  # took the stage over once the lease went stale
+    _, _, outcome = open_sweep(spec, plan, lambda line: None)
+    run = tracker.client.get_run(lost)
+    assert stage.key in outcome.reused
+    assert run.info.status == "KILLED" and run.data.tags["bnew.superseded_by"] == taker
+    assert f"run {taker} trained the stage" in run.data.tags["bnew.error"]
+    linked = [r for r in tracker.trial_runs(experiment_id) if r.data.tags.get("bnew.stage_key") == stage.key
+              and r.info.status == "FINISHED"]
+    assert [r.data.tags["bnew.reused_from"] for r in linked] == [taker]  # the sweep's result is the taker's

@@ -278,7 +278,10 @@ class Tracker:
         A link an earlier attempt began and never finished (a write failed or its process died
         between `link_role`'s create and its end; Tune then retries the trial, which links
         again) is deleted first: its params and metrics may be partial, and left RUNNING the
-        driver's end would mark it KILLED in a sweep that succeeded.
+        driver's end would mark it KILLED in a sweep that succeeded. An attempt of this sweep
+        still RUNNING lost the stage to the run that trained it (its process died or paused past
+        the lease's timeout, and its driver may be gone too): it is marked superseded by that run,
+        as the fence marks a holder that comes back.
 
         `runs`: the stage's runs in every experiment, if the caller has them already."""
         runs = self.stage_runs([stage.key])[stage.key] if runs is None else runs
@@ -289,6 +292,9 @@ class Tracker:
         trained = trained_runs(runs)
         if not trained:
             return
+        for run in own:
+            if run.info.status in ("RUNNING", "SCHEDULED") and REUSED_FROM_TAG not in run.data.tags:
+                self.supersede_trial(run.info.run_id, trained[0])
         present = {run.info.run_name for run in own if run.info.status == "FINISHED"}
         for role in stage.roles:
             if role.name not in present:
