@@ -10,12 +10,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-from tests.servers import free_port, process_table
+from tests.servers import free_port, process_table, short_temp_dir
 
 RAY = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "ray"
 
@@ -26,8 +25,7 @@ class LoopbackCluster:
 
     def __init__(self) -> None:
         self.port = free_port()
-        # Ray's socket paths must stay under 107 bytes: a short folder of its own under /tmp.
-        self.temp_dir = tempfile.mkdtemp(prefix="bnew-res-", dir="/tmp")
+        self.temp_dir = short_temp_dir("bnew-res-")
         dropped = ("CUDA_VISIBLE_DEVICES", "RAY_ADDRESS")
         self.env = {key: value for key, value in os.environ.items() if key not in dropped}
         # No token authentication on this loopback cluster: with none set, Ray 2.60 turns it on by

@@ -1,13 +1,16 @@
 """Helpers for the servers the tests start (MLflow, moto's S3): a free loopback port, an MLflow
 tracking server, stopping a server process for good, the processes below one (a Ray node's, a
-driver's) and the Debian packages some tests need."""
+driver's), a short temp folder for a Ray and the Debian packages some tests need."""
 
 from __future__ import annotations
 
+import atexit
 import glob
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -27,6 +30,15 @@ def debian_missing(*packages: str) -> str | None:
     """One line naming what to install when any of Debian's `packages` is missing, else None."""
     missing = sorted({package for package in packages if not DEBIAN_PACKAGES[package]()})
     return f"needs Debian's {' and '.join(missing)}: apt-get install {' '.join(missing)}" if missing else None
+
+
+def short_temp_dir(prefix: str) -> str:
+    """A folder of its own directly under /tmp (Ray's socket paths in it must stay under 107 bytes,
+    which pytest's temp folders are not), removed when the test session ends: a Ray session
+    leaves tens of megabytes there, and a suite run starts dozens."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.ray_nodes import wait_for
-from tests.servers import descendants, free_port, process_table
+from tests.servers import descendants, free_port, process_table, short_temp_dir
 
 pytestmark = pytest.mark.slow
 EPOCHS_TO_INTERRUPT, BATCHES_TO_INTERRUPT = 30, "8"
@@ -54,7 +53,7 @@ def sweep_env(**extra: str) -> dict[str, str]:
     """This environment without sweep settings; a Ray started with `--local` gets its own short
     temp folder (Ray's socket paths must stay short; other Rays on the machine keep theirs)."""
     env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, "RAY_TMPDIR": tempfile.mkdtemp(prefix="bnew-ray-", dir="/tmp"), **extra}
+    return {**env, "RAY_TMPDIR": short_temp_dir("bnew-ray-"), **extra}
 
 
 def bnew(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +22,7 @@ from mlflow import MlflowClient
 from bnew_core.config import BnewError
 from sweeps.run.resources import check_trials_fit, largest_node_fit
 from tests.ray_nodes import LoopbackCluster, listening, wait_for
+from tests.servers import short_temp_dir
 
 pytestmark = pytest.mark.slow
 
@@ -175,7 +175,7 @@ def gpu_spec(directory: Path, **settings: Any) -> Path:
 def sweep_env(**extra: str) -> dict[str, str]:
     """Without a cluster's address; a `--local` Ray gets a short temp folder of its own."""
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, "RAY_TMPDIR": tempfile.mkdtemp(prefix="bnew-ray-", dir="/tmp"), **extra}
+    return {**env, "RAY_TMPDIR": short_temp_dir("bnew-ray-"), **extra}
 
 
 def bnew(*args: str, cwd: Path) -> subprocess.CompletedProcess:

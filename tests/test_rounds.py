@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ from sweeps.analysis.tables import load_paper_tables
 from sweeps.core.rounds import claim_covers, round_points
 from sweeps.core.spec import PRESET_DIR, SeedRounds, SweepSpec, load_spec, parse_spec
 from sweeps.run.trial import METRICS_ENV, forced_metrics, train_forcing_metrics
+from tests.servers import short_temp_dir
 
 STUDY = "cifar10-cpu-study"
 
@@ -297,7 +297,7 @@ def test_digits_rounds_seed_only_the_undecided_claim_and_stop_when_decided(tmp_p
         f"rounds-digits/bnew/{ablation}/seed{seed}": {"test_acc_binary": value}
         for (ablation, seed), value in forced_accuracies().items()}))
     env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(BNEW_PROJECT_DIR=str(tmp_path), RAY_TMPDIR=tempfile.mkdtemp(prefix="bnew-ray-", dir="/tmp"),
+    env.update(BNEW_PROJECT_DIR=str(tmp_path), RAY_TMPDIR=short_temp_dir("bnew-ray-"),
                **{METRICS_ENV: str(tmp_path / "accuracies.json")})
 
     # The first run loses round 2's first new seed for good: it stops after that round, exit 1.

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from servers import free_port, stop
+from servers import free_port, short_temp_dir, stop
 
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
@@ -120,7 +119,7 @@ def test_killed_driver_resumes_from_the_checkpoints_in_the_bucket(s3_env, tmp_pa
     project = tmp_path / "project"
     project.mkdir()
     spec = write_spec(project, f"s3://{BUCKET}/tune")
-    ray_tmpdir = tempfile.mkdtemp(prefix="bnew-ray-", dir="/tmp")
+    ray_tmpdir = short_temp_dir("bnew-ray-")
     env = sweep_env(aws, project, ray_tmpdir)
     command = [str(BIN / "bnew"), "sweep", "{}", str(spec), "--local", "--max-batches", "2"]
     log = (tmp_path / "run.log").open("w")
@@ -180,7 +179,7 @@ def test_cluster_on_two_machines_refuses_a_local_storage_folder(tmp_path: Path) 
     state.mkdir()
     project.mkdir()
     port = free_port()
-    ray_tmpdir = tempfile.mkdtemp(prefix="bnew-ray-", dir="/tmp")
+    ray_tmpdir = short_temp_dir("bnew-ray-")
     (state / "ray_tmpdir").write_text(ray_tmpdir)
     (state / "ray_port").write_text(str(port))
     token = state / "ray_auth_token"

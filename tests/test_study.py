@@ -9,7 +9,6 @@ import runpy
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +17,7 @@ import yaml
 from mlflow import MlflowClient
 
 from sweeps.core.spec import PRESET_DIR
+from tests.servers import short_temp_dir
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = Path("shared/data/cifar10-jpeg.tar.gz")
@@ -71,7 +71,7 @@ def test_ci_sized_study_runs_on_ray_and_reports_every_claim(tmp_path: Path) -> N
     env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(
         BNEW_PROJECT_DIR=str(tmp_path), BNEW_CACHE_DIR=str(tmp_path / "cache"),
-        RAY_TMPDIR=tempfile.mkdtemp(prefix="bnew-ray-", dir="/tmp"),
+        RAY_TMPDIR=short_temp_dir("bnew-ray-"),
         # Trials read data/cifar10 relative to the project folder, where the driver runs.
         RAY_CHDIR_TO_TRIAL_DIR="0",
     )

@@ -9,11 +9,9 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,16 +21,12 @@ from typing import Iterator
 import pytest
 import yaml
 
+from tests.servers import free_port, short_temp_dir
+
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 CIFAR10_JPEG = [REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz", Path("/work/shared/data/cifar10-jpeg.tar.gz")]
 """Where the shared CIFAR-10 JPEG archive lies next to a checkout (`../shared/data`)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def bnew(*args: str, env: dict[str, str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -104,7 +98,7 @@ def test_version_mismatch_is_one_line_naming_both_sides() -> None:
 def cluster() -> Iterator[dict[str, str]]:
     """The cluster's printed environment (addresses, Ray token path, MLflow credentials)."""
     # PostgreSQL runs as user postgres, which cannot enter pytest's private temp folder.
-    state = Path(tempfile.mkdtemp(prefix="bnew-cluster-"))
+    state = Path(short_temp_dir("bnew-cluster-"))
     state.chmod(0o755)
     ports = {name: str(free_port()) for name in ("RAY_PORT", "DASHBOARD_PORT", "RAY_CLIENT_PORT", "MLFLOW_PORT", "PG_PORT")}
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WORKERS": "2", "CPUS_PER_NODE": "1",
