@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +22,7 @@ from typing import Iterator
 import pytest
 import yaml
 
-from tests.servers import free_port, short_temp_dir
+from tests.servers import free_port
 
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
@@ -98,7 +99,7 @@ def test_version_mismatch_is_one_line_naming_both_sides() -> None:
 def cluster() -> Iterator[dict[str, str]]:
     """The cluster's printed environment (addresses, Ray token path, MLflow credentials)."""
     # PostgreSQL runs as user postgres, which cannot enter pytest's private temp folder.
-    state = Path(short_temp_dir("bnew-cluster-"))
+    state = Path(tempfile.mkdtemp(prefix="bnew-cluster-"))
     state.chmod(0o755)
     ports = {name: str(free_port()) for name in ("RAY_PORT", "DASHBOARD_PORT", "RAY_CLIENT_PORT", "MLFLOW_PORT", "PG_PORT")}
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WORKERS": "2", "CPUS_PER_NODE": "1",
