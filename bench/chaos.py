@@ -14,8 +14,9 @@ checkpoint each. While they run, K faults are injected at times and of kinds dra
   (confirmed: Ray marks the node dead, a new node joins);
 - `driver_resubmit`: a sweep's job driver SIGKILLed, the sweep submitted again with `--resume`
   (confirmed: the job FAILED, the new job's id);
-- `mlflow_restart`: the MLflow server SIGKILLed and started again after a gap drawn from seconds
-  to past its clients' retry budget (confirmed: a refused connection);
+- `mlflow_restart`: the MLflow server SIGKILLed and started again, the soak's first time after a
+  gap past its clients' retry budget, later ones after seconds to a minute (confirmed: a refused
+  connection);
 - `postgres_restart`: PostgreSQL stopped in immediate mode (a crash) and started again
   (confirmed: a refused connection, then its start);
 - `trial_pause`: a trial's process SIGSTOPped past the lease timeout, then continued, preferring
@@ -192,6 +193,8 @@ class Soak:
         """`state`: the cluster's folder; this process's environment is the cluster's (its
         addresses, Ray's token, MLflow's credentials), as `eval "$(cluster/start_local.sh)"` gives."""
         self.state, self.max_batches, self.history, self.rng = state, max_batches, history, rng
+        self.outlasted_retries = False
+        """Whether an MLflow restart has kept the server down past its clients' retry budget."""
         self.env = dict(os.environ)
         self.tracking_uri = self.env["MLFLOW_TRACKING_URI"]
         ray.init(address=self.env["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
@@ -403,7 +406,12 @@ class Soak:
         environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
         port = int(self.tracking_uri.rsplit(":", 1)[1])
         budget = mlflow_retry_budget_s()
-        gap = self.rng.choice([self.rng.uniform(2, 10), self.rng.uniform(10, 60), budget + self.rng.uniform(10, 30)])
+        # One outage past the clients' retries shows that trials come back from it; each such
+        # outage halts every trial's logging and lease for minutes, so one per soak, not a third.
+        if self.outlasted_retries:
+            gap = self.rng.choice([self.rng.uniform(2, 10), self.rng.uniform(10, 60)])
+        else:
+            gap, self.outlasted_retries = budget + self.rng.uniform(10, 30), True
         fault.target, fault.phase = f"mlflow server pid {pid}, down {gap:.0f} s (clients retry {budget:.0f} s)", self.phase()
         kill_tree(pid)
         seen_refused = wait_until(lambda: refused(port), timeout=30)
