@@ -10,6 +10,10 @@ from servers import debian_missing
 # MLflow 3's server starts a pool of job-runner processes (GenAI jobs, ~1 GB) that no test
 # uses; the servers the tests start (directly or through cluster/start_local.sh) inherit this.
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+# Ray starts its workers, and so the trials, at nice 15. Beside other work at nice 0 (a busy CI
+# host, bench/loaded_suite.sh's busy loops) a trial then gets about 3% of a core and the suite's
+# sweeps take hours; at nice 0 the load slows every process of the suite alike.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @pytest.hookimpl(tryfirst=True)  # before the test's fixtures start servers or sweeps
