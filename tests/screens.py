@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from servers import CHROMIUM
+from servers import CHROMIUM, sweep_env as own_sweep_env
 
 COLUMNS, ROWS = 110, 40
 CSI = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z])")
@@ -34,8 +34,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def sweep_env(**extra: str) -> dict[str, str]:
     """This process's environment for a sweep of its own: no injected fault, Ray cluster or tracking
     server unless given in `extra`, and a terminal of COLUMNS x ROWS."""
-    env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, "TERM": "xterm-256color", "COLUMNS": str(COLUMNS), "LINES": str(ROWS), **extra}
+    return own_sweep_env(TERM="xterm-256color", COLUMNS=str(COLUMNS), LINES=str(ROWS), **extra)
 
 
 def run_in_pty(args: list[str], cwd: Path, env: dict[str, str] | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import glob
+import os
 import shutil
 import socket
 import subprocess
@@ -39,6 +40,18 @@ def short_temp_dir(prefix: str) -> str:
     path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
+
+
+SWEEP_SETTINGS = ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "BNEW_STORAGE_PATH")
+"""What a sweep of a test's own must not inherit from the caller's environment."""
+
+
+def sweep_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a sweep of its own: no injected fault, Ray cluster, tracking
+    server or storage unless given in `extra`, and a short temp folder for a Ray it starts with
+    `--local` (Ray's socket paths must stay short; other Rays on the machine keep theirs)."""
+    env = {key: value for key, value in os.environ.items() if key not in SWEEP_SETTINGS}
+    return {**env, "RAY_TMPDIR": short_temp_dir("bnew-ray-"), **extra}
 
 
 def free_port() -> int:

@@ -14,14 +14,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from tests.ray_nodes import wait_for
-from tests.servers import descendants, free_port, process_table, short_temp_dir
+from tests.servers import descendants, free_port, process_table, sweep_env
 
 pytestmark = pytest.mark.slow
 EPOCHS_TO_INTERRUPT, BATCHES_TO_INTERRUPT = 30, "8"
@@ -47,13 +47,6 @@ def write_spec(directory: Path, name: str, budget: int, lrs: list[float], pretra
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-def sweep_env(**extra: str) -> dict[str, str]:
-    """This environment without sweep settings; a Ray started with `--local` gets its own short
-    temp folder (Ray's socket paths must stay short; other Rays on the machine keep theirs)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, "RAY_TMPDIR": short_temp_dir("bnew-ray-"), **extra}
 
 
 def bnew(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -3,13 +3,12 @@ without its fix."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from bnew_core.config import DataConfig, ModelConfig, TrialConfig
+from bnew_core.config import DataConfig, ModelConfig
 from bnew_core.data import BatchLoader, load_data
 from bnew_core.models import build_model
 from bnew_core.optimisers import BMD, BMD_K_MAX, BNEW, L2Regulariser

@@ -6,7 +6,6 @@ old code; its README says how."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import ray.cloudpickle
 from mlflow import MlflowClient
+
+from tests.servers import sweep_env
 
 FIXTURE = Path(__file__).parent / "fixtures" / "old-layout-sweep.tar.gz"
 FOLDER = Path("/tmp/bnew-layout-fixture")
@@ -29,8 +30,7 @@ def unpack() -> None:
 
 def test_a_sweep_failed_under_the_old_layout_resumes_and_finishes() -> None:
     unpack()
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "BNEW_SWEEP_FAULT")},
-           "BNEW_PROJECT_DIR": str(FOLDER)}
+    env = sweep_env(BNEW_PROJECT_DIR=str(FOLDER))
     result = subprocess.run([sys.executable, "-m", "sweeps.cli", "sweep", "resume", "layout.yaml", "--local",
                              "--max-batches", "2"], cwd=FOLDER, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

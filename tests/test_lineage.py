@@ -4,7 +4,6 @@ logits equal those of model.pt) and each trial's `logs/trial.log`."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from mlflow import MlflowClient
 
 from sweeps.records.lineage import load_trainer_model, log_final_model
+from tests.servers import sweep_env
 
 SPEC = """\
 name: lineage
@@ -43,7 +43,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[MlflowClient, Path]
     """A debug sweep (no Ray): teacher, pretrain and a quantise trial, 1 epoch of 2 batches each."""
     cwd = tmp_path_factory.mktemp("lineage")
     (cwd / "lineage.yaml").write_text(SPEC)
-    env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = sweep_env()
     result = subprocess.run([sys.executable, "-m", "sweeps.cli", "sweep", "run", "lineage.yaml", "--debug",
                              "--max-epochs", "1", "--max-batches", "2"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

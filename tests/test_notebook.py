@@ -4,7 +4,6 @@ best model loaded with MLflow's own loader; its outputs checked, not only that i
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -13,12 +12,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
 import notebooks  # noqa: E402
+from tests.servers import sweep_env  # noqa: E402
 
 
 @pytest.mark.slow
 def test_the_compare_runs_notebook_runs_and_its_loaded_model_reaches_the_recorded_accuracy(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    node = notebooks.execute(notebooks.COMPARE_RUNS, tmp_path, {**env, "BNEW_PROJECT_DIR": str(tmp_path)})
+    node = notebooks.execute(notebooks.COMPARE_RUNS, tmp_path, sweep_env(BNEW_PROJECT_DIR=str(tmp_path)))
     printed = notebooks.text_outputs(node)
     assert "complete: True; trained 12, reused 0" in printed, printed
     assert "trials: 12" in printed

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 import sweeps
 from bnew_core.config import BnewError, build_trial_config
 from bnew_core.train import accuracy_on_test_split
+from tests.servers import sweep_env
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
@@ -36,8 +36,7 @@ print(json.dumps({"stages": len(planned.stages), "trained": len(outcome.trained)
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, str]:
     """The demo run by a user's script: its tracking URI, its printed summary and its stderr."""
     project = tmp_path_factory.mktemp("api")
-    env = {**{k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
-           "BNEW_PROJECT_DIR": str(project), "PYTHONPATH": str(REPO)}
+    env = sweep_env(BNEW_PROJECT_DIR=str(project), PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=project, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

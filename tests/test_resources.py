@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from bnew_core.config import BnewError
 from sweeps.run.resources import check_trials_fit, largest_node_fit
 from tests.ray_nodes import LoopbackCluster, listening, wait_for
-from tests.servers import short_temp_dir
+from tests.servers import sweep_env
 
 pytestmark = pytest.mark.slow
 
@@ -170,12 +170,6 @@ def gpu_spec(directory: Path, **settings: Any) -> Path:
     path = directory / "quarter-gpu.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-def sweep_env(**extra: str) -> dict[str, str]:
-    """Without a cluster's address; a `--local` Ray gets a short temp folder of its own."""
-    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, "RAY_TMPDIR": short_temp_dir("bnew-ray-"), **extra}
 
 
 def bnew(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +41,7 @@ from sweeps.analysis.tables import load_paper_tables
 from sweeps.core.rounds import claim_covers, round_points
 from sweeps.core.spec import PRESET_DIR, SeedRounds, SweepSpec, load_spec, parse_spec
 from sweeps.run.trial import METRICS_ENV, forced_metrics, train_forcing_metrics
-from tests.servers import short_temp_dir
+from tests.servers import sweep_env
 
 STUDY = "cifar10-cpu-study"
 
@@ -296,9 +295,7 @@ def test_digits_rounds_seed_only_the_undecided_claim_and_stop_when_decided(tmp_p
     (tmp_path / "accuracies.json").write_text(json.dumps({
         f"rounds-digits/bnew/{ablation}/seed{seed}": {"test_acc_binary": value}
         for (ablation, seed), value in forced_accuracies().items()}))
-    env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(BNEW_PROJECT_DIR=str(tmp_path), RAY_TMPDIR=short_temp_dir("bnew-ray-"),
-               **{METRICS_ENV: str(tmp_path / "accuracies.json")})
+    env = sweep_env(BNEW_PROJECT_DIR=str(tmp_path), **{METRICS_ENV: str(tmp_path / "accuracies.json")})
 
     # The first run loses round 2's first new seed for good: it stops after that round, exit 1.
     failing = {**env, "BNEW_SWEEP_FAULT": "rounds-digits/bnew/no_prelu/seed3@1:final"}

@@ -4,7 +4,6 @@ Ray and a real MLflow store; its report gives a verdict line for every claim of 
 
 from __future__ import annotations
 
-import os
 import runpy
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import yaml
 from mlflow import MlflowClient
 
 from sweeps.core.spec import PRESET_DIR
-from tests.servers import short_temp_dir
+from tests.servers import sweep_env
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = Path("shared/data/cifar10-jpeg.tar.gz")
@@ -68,10 +67,8 @@ def test_ci_sized_study_runs_on_ray_and_reports_every_claim(tmp_path: Path) -> N
     spec["datasets"]["imagefolder"]["val_size"] = 6  # of 30 training images
     spec["base"]["batch_size"] = 8
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
-    env = {k: v for k, v in os.environ.items() if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(
+    env = sweep_env(
         BNEW_PROJECT_DIR=str(tmp_path), BNEW_CACHE_DIR=str(tmp_path / "cache"),
-        RAY_TMPDIR=short_temp_dir("bnew-ray-"),
         # Trials read data/cifar10 relative to the project folder, where the driver runs.
         RAY_CHDIR_TO_TRIAL_DIR="0",
     )

@@ -6,7 +6,6 @@ and the report and the parent run hold the search's results."""
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from sweeps.analysis.searches import best_runs_only, summarise
 from sweeps.core.schema import CELL_TAG
 from sweeps.core.search import tuned_cells
 from sweeps.run.tuning import grace_epochs
+from tests.servers import sweep_env
 
 STOPPED = "bnew.stopped_early"
 
@@ -53,9 +53,7 @@ def bnew_command(*args: str, cwd: Path) -> list[str]:
 
 
 def environment(cwd: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("BNEW_SWEEP_FAULT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "BNEW_STORAGE_PATH")}
-    return {**env, "BNEW_PROJECT_DIR": str(cwd)}
+    return sweep_env(BNEW_PROJECT_DIR=str(cwd))
 
 
 def bnew(*args: str, cwd: Path) -> subprocess.CompletedProcess:
