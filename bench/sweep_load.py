@@ -10,6 +10,8 @@ every trial is recorded exactly once, stops the cluster and prints, per sweep si
   terminated after its artifacts are logged) minus the trainer's own time for the same config
   (`train()` timed in this process, median of 3), and the slot time per trial (wall time x
   slots / trials) minus the same trainer time, which adds Tune's scheduling and actor start;
+  also the median of each Ray node's first trial (a new actor's: it pays the process's first use
+  of torch and MLflow inside its run) and the p95 of the others;
 - the driver's peak memory (VmHWM of the `bnew` process);
 - MLflow requests per trial, counted server-side from the server's access log (uvicorn logs
   every request to the server's stdout, which start_local.sh keeps in mlflow.log).
@@ -104,8 +106,11 @@ class LoopbackCluster:
         return self.state / "mlflow.log"
 
 
-def load_spec(name: str, trials: int, epochs: int, every_epochs: int | None) -> dict[str, Any]:
-    """N real-valued trials on synthetic data, a few batches each, one stage per trial."""
+def load_spec(name: str, trials: int, epochs: int, every_epochs: int | None, concurrent: int) -> dict[str, Any]:
+    """N real-valued trials on synthetic data, a few batches each, one stage per trial, `concurrent`
+    at once whatever the code's own default (the commit before the leases ran such a search one
+    trial at a time on this cluster: one actor, whose first trial alone pays a new process's
+    first use of torch and MLflow)."""
     spec: dict[str, Any] = {
         "name": name,
         "axes": {"dataset": ["synthetic"], "optimiser": ["real"], "seed": [0], "budget": [epochs],
@@ -115,6 +120,7 @@ def load_spec(name: str, trials: int, epochs: int, every_epochs: int | None) -> 
                  "data": {"synthetic_size": 128}},
         "resources": {"cpu": 1},
         "max_failures": 1,
+        "max_concurrent": concurrent,
     }
     if every_epochs is not None:
         spec["checkpoint"] = {"every_epochs": every_epochs}
@@ -209,6 +215,9 @@ class Records:
     unfinished: list[str]
     run_seconds: list[float]
     """MLflow run time of each trial (end - start)."""
+    first_on_node: list[bool]
+    """Per `run_seconds`: whether the run is its Ray node's first, trained by a new actor (Tune
+    reuses an actor for the node's next trials)."""
 
 
 def read_records(tracking_uri: str, sweep: str, epochs: int) -> Records:
@@ -224,11 +233,14 @@ def read_records(tracking_uri: str, sweep: str, epochs: int) -> Records:
         steps = sorted(metric.step for metric in client.get_metric_history(run.info.run_id, "loss"))
         if steps != list(range(epochs)):
             bad_steps.append(f"{run.info.run_name}: {steps}")
+    ended = sorted((run for run in runs if run.info.end_time), key=lambda run: run.info.start_time)
+    nodes = [run.data.tags.get("bnew.node") for run in ended]
     return Records(
         runs_per_key=Counter(run.data.tags["bnew.stage_key"] for run in runs),
         bad_steps=bad_steps,
         unfinished=[run.info.run_name for run in runs if run.info.status != "FINISHED"],
-        run_seconds=[(run.info.end_time - run.info.start_time) / 1000 for run in runs if run.info.end_time],
+        run_seconds=[(run.info.end_time - run.info.start_time) / 1000 for run in ended],
+        first_on_node=[node not in nodes[:index] for index, node in enumerate(nodes)],
     )
 
 
@@ -240,7 +252,7 @@ def percentile(values: list[float], fraction: float) -> float:
 def measure(cluster: LoopbackCluster, work: Path, label: str, trials: int, epochs: int,
             every_epochs: int | None, slots: int) -> dict[str, Any]:
     """One sweep, checked and summarised as one column of the table."""
-    spec = load_spec(f"load-{label}", trials, epochs, every_epochs)
+    spec = load_spec(f"load-{label}", trials, epochs, every_epochs, slots)
     trainer = trainer_seconds(spec)
     sweep = run_sweep(cluster, spec, work / label)
     if sweep.returncode != 0:
@@ -258,10 +270,13 @@ def measure(cluster: LoopbackCluster, work: Path, label: str, trials: int, epoch
     if problems:
         raise RuntimeError(f"{label}: not recorded exactly once: {problems[:10]}")
     overhead = [seconds - trainer for seconds in records.run_seconds]
+    later = [value for value, first in zip(overhead, records.first_on_node) if not first]
     total = sum(sweep.requests.values())
     return {
         "label": label, "trials": trials, "epochs": epochs, "wall_s": sweep.wall_s, "trainer_s": trainer,
         "overhead_median_s": statistics.median(overhead), "overhead_p95_s": percentile(overhead, 0.95),
+        "first_on_node_overhead_s": statistics.median(v for v, first in zip(overhead, records.first_on_node) if first),
+        "later_overhead_p95_s": percentile(later, 0.95) if later else float("nan"),
         "slot_overhead_s": sweep.wall_s * slots / trials - trainer, "driver_peak_mb": sweep.peak_rss_mb,
         "requests": total, "requests_per_trial": total / trials, "by_endpoint": sweep.requests,
     }
@@ -269,7 +284,8 @@ def measure(cluster: LoopbackCluster, work: Path, label: str, trials: int, epoch
 
 ROWS = [
     ("trials", "{:d}"), ("epochs", "{:d}"), ("wall_s", "{:.0f}"), ("trainer_s", "{:.2f}"),
-    ("overhead_median_s", "{:.2f}"), ("overhead_p95_s", "{:.2f}"), ("slot_overhead_s", "{:.2f}"),
+    ("overhead_median_s", "{:.2f}"), ("overhead_p95_s", "{:.2f}"), ("first_on_node_overhead_s", "{:.2f}"),
+    ("later_overhead_p95_s", "{:.2f}"), ("slot_overhead_s", "{:.2f}"),
     ("driver_peak_mb", "{:.0f}"), ("requests", "{:d}"), ("requests_per_trial", "{:.1f}"),
 ]
 

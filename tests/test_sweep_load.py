@@ -41,7 +41,7 @@ def test_every_trial_recorded_once_and_requests_per_trial_do_not_grow(tmp_path: 
     per_trial = {}
     with LoopbackCluster(tmp_path / "cluster", workers=2, backend="postgres") as cluster:
         for trials in (N, 2 * N):
-            spec = load_spec(f"load-{trials}", trials, EPOCHS, None)
+            spec = load_spec(f"load-{trials}", trials, EPOCHS, None, concurrent=2)
             sweep = run_sweep(cluster, spec, tmp_path / str(trials))
             assert sweep.returncode == 0, sweep.output[-3000:]
             assert "ERROR" not in sweep.output and "FileNotFoundError" not in sweep.output, sweep.output[-3000:]
