@@ -189,12 +189,12 @@ def wait_until(condition: Callable[[], Any], timeout: float = CONFIRM_TIMEOUT_S,
 class Soak:
     """The cluster, the two sweeps' jobs, and the faults injected into them."""
 
-    def __init__(self, state: Path, max_batches: int, history: Path, rng: random.Random):
+    def __init__(self, state: Path, max_batches: int, history: Path, rng: random.Random, long_outages: int = 1):
         """`state`: the cluster's folder; this process's environment is the cluster's (its
         addresses, Ray's token, MLflow's credentials), as `eval "$(cluster/start_local.sh)"` gives."""
         self.state, self.max_batches, self.history, self.rng = state, max_batches, history, rng
-        self.outlasted_retries = False
-        """Whether an MLflow restart has kept the server down past its clients' retry budget."""
+        self.long_outages = long_outages
+        """How many more MLflow restarts keep the server down past its clients' retry budget."""
         self.env = dict(os.environ)
         self.tracking_uri = self.env["MLFLOW_TRACKING_URI"]
         ray.init(address=self.env["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
@@ -408,10 +408,10 @@ class Soak:
         budget = mlflow_retry_budget_s()
         # One outage past the clients' retries shows that trials come back from it; each such
         # outage halts every trial's logging and lease for minutes, so one per soak, not a third.
-        if self.outlasted_retries:
-            gap = self.rng.choice([self.rng.uniform(2, 10), self.rng.uniform(10, 60)])
+        if self.long_outages > 0:
+            gap, self.long_outages = budget + self.rng.uniform(10, 30), self.long_outages - 1
         else:
-            gap, self.outlasted_retries = budget + self.rng.uniform(10, 30), True
+            gap = self.rng.choice([self.rng.uniform(2, 10), self.rng.uniform(10, 60)])
         fault.target, fault.phase = f"mlflow server pid {pid}, down {gap:.0f} s (clients retry {budget:.0f} s)", self.phase()
         kill_tree(pid)
         seen_refused = wait_until(lambda: refused(port), timeout=30)
@@ -579,7 +579,7 @@ def soak(args: argparse.Namespace, state: Path) -> int:
     history.write_text(json.dumps({"options": options,
                                    "schedule": [(f.scheduled_s, f.kind) for f in faults]}) + "\n")
     print(f"chaos soak seed {args.seed}: {args.faults} faults, history in {history}; state in {state}", flush=True)
-    soak = Soak(state / "cluster", args.max_batches, history, rng)
+    soak = Soak(state / "cluster", args.max_batches, history, rng, args.long_outages)
     baseline_s = None
     if not args.no_baseline:
         baseline_s = run_sweeps(soak, write_specs(state / "baseline", f"chaos{args.seed}-base", args, 1000), [])
@@ -624,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="Ray worker nodes (1 CPU each)")
     parser.add_argument("--kinds", type=lambda text: text.split(","), default=list(FAULT_KINDS),
                         help=f"fault kinds to draw from, comma-separated (default all: {','.join(FAULT_KINDS)})")
+    parser.add_argument("--long-outages", type=int, default=1,
+                        help="MLflow restarts (the first ones) that outlast its clients' retry budget")
     parser.add_argument("--no-baseline", action="store_true", help="skip the fault-free run (no time ratio)")
     parser.add_argument("--known-bad", action="store_true", help="lease fencing off on the nodes: the checker must fail")
     parser.add_argument("--history", type=Path, help="the fault history, JSON lines (default: in the state folder)")
