@@ -407,7 +407,7 @@ class Soak:
         port = int(self.tracking_uri.rsplit(":", 1)[1])
         budget = mlflow_retry_budget_s()
         # One outage past the clients' retries shows that trials come back from it; each such
-        # outage halts every trial's logging and lease for minutes, so one per soak, not a third.
+        # outage halts every trial's logging and lease for minutes, so one per soak by default.
         if self.long_outages > 0:
             gap, self.long_outages = budget + self.rng.uniform(10, 30), self.long_outages - 1
         else:

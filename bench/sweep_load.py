@@ -270,12 +270,13 @@ def measure(cluster: LoopbackCluster, work: Path, label: str, trials: int, epoch
     if problems:
         raise RuntimeError(f"{label}: not recorded exactly once: {problems[:10]}")
     overhead = [seconds - trainer for seconds in records.run_seconds]
-    later = [value for value, first in zip(overhead, records.first_on_node) if not first]
+    first = [value for value, is_first in zip(overhead, records.first_on_node) if is_first]
+    later = [value for value, is_first in zip(overhead, records.first_on_node) if not is_first]
     total = sum(sweep.requests.values())
     return {
         "label": label, "trials": trials, "epochs": epochs, "wall_s": sweep.wall_s, "trainer_s": trainer,
         "overhead_median_s": statistics.median(overhead), "overhead_p95_s": percentile(overhead, 0.95),
-        "first_on_node_overhead_s": statistics.median(v for v, first in zip(overhead, records.first_on_node) if first),
+        "first_on_node_overhead_s": statistics.median(first),
         "later_overhead_p95_s": percentile(later, 0.95) if later else float("nan"),
         "slot_overhead_s": sweep.wall_s * slots / trials - trainer, "driver_peak_mb": sweep.peak_rss_mb,
         "requests": total, "requests_per_trial": total / trials, "by_endpoint": sweep.requests,

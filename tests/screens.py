@@ -32,8 +32,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 def sweep_env(**extra: str) -> dict[str, str]:
-    """This process's environment for a sweep of its own: no injected fault, Ray cluster or tracking
-    server unless given in `extra`, and a terminal of COLUMNS x ROWS."""
+    """`servers.sweep_env` with a terminal of COLUMNS x ROWS."""
     return own_sweep_env(TERM="xterm-256color", COLUMNS=str(COLUMNS), LINES=str(ROWS), **extra)
 
 
