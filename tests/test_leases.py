@@ -140,9 +140,12 @@ def test_a_holder_whose_clock_is_an_hour_off_keeps_its_lease_while_it_renews(tmp
             kill_holder()
 
 
-def test_a_holder_that_lost_its_lease_is_fenced(tracker: Tracker) -> None:
+def test_a_holder_that_lost_its_lease_is_fenced(tmp_path: Path, server: str) -> None:
     """The claim's experiment id is its token: once another trial has taken the stage over, the old
-    holder no longer holds it, and releasing does not free the taker's lease."""
+    holder no longer holds it, and releasing neither frees the taker's lease nor asks the real
+    server anything it refuses (renaming the experiment the taker deleted: an HTTP 500, and an
+    ERROR line in the server's log, from every fenced trial)."""
+    tracker = Tracker(server)
     first, second = Lease(tracker, "k", "a", "run-a"), Lease(tracker, "k", "b", "run-b")
     assert first.claim() is None and first.still_held()
     first.stop_heartbeat.set()
@@ -151,6 +154,9 @@ def test_a_holder_that_lost_its_lease_is_fenced(tracker: Tracker) -> None:
     assert not first.still_held() and second.still_held()
     first.release()
     assert second.still_held() and second.holder().run_id == "run-b"
+    log = (tmp_path / "server.log").read_text()
+    assert "experiments/update" in log, log[-3000:]  # the move aside: the log shows the renames it got
+    assert " 500 " not in log and "ERROR" not in log, log[-3000:]
 
 
 def test_a_holder_that_cannot_renew_stops_training(tracker: Tracker, monkeypatch) -> None:

@@ -113,8 +113,9 @@ class Lease:
                 self.move_aside(holder, "expired")
                 self.taken_over = holder
                 continue
-            self.renewed = time.monotonic()
-            threading.Thread(target=self.beat, name=f"lease {self.name}", daemon=True).start()
+            self.renewed, self.stop_heartbeat = time.monotonic(), threading.Event()
+            threading.Thread(target=self.beat, args=(self.experiment_id, self.stop_heartbeat),
+                             name=f"lease {self.name}", daemon=True).start()
             return None
 
     def unchanged_for(self, holder: Holder) -> float:
@@ -162,9 +163,13 @@ class Lease:
 
     def still_held(self) -> bool:
         """Whether the stage's lease is still this trial's claim (fencing: ask right before the
-        run becomes the stage's result). Raises if MLflow cannot say."""
+        run becomes the stage's result). Raises if MLflow cannot say. A claim found lost is
+        forgotten: its heartbeat stops, and `release()` leaves the taker's lease alone."""
         holder = self.holder()
-        return self.experiment_id is not None and holder is not None and holder.experiment_id == self.experiment_id
+        held = self.experiment_id is not None and holder is not None and holder.experiment_id == self.experiment_id
+        if not held:
+            self.end_claim()
+        return held
 
     def renewal_age(self) -> float:
         """Seconds since this holder last renewed its lease, on its own monotonic clock."""
@@ -185,23 +190,30 @@ class Lease:
             self.tracker.client.rename_experiment(experiment_id, f"{self.name}-{why}-{uuid.uuid4().hex[:8]}")
             self.tracker.client.delete_experiment(experiment_id)
 
-    def beat(self) -> None:
+    def beat(self, experiment_id: str, stop: threading.Event) -> None:
+        """Renew the claim `experiment_id` until `stop` is set (each claim has its own)."""
         beats = 0
-        while not self.stop_heartbeat.wait(HEARTBEAT_S):
+        while not stop.wait(HEARTBEAT_S):
             beats += 1
             # Any failure is a renewal missed, whatever its cause: `LeaseGuard` stops the training
             # once they have gone on for the timeout.
             with contextlib.suppress(Exception):
-                self.tracker.client.set_experiment_tag(self.experiment_id, HEARTBEAT_TAG, str(beats))
+                self.tracker.client.set_experiment_tag(experiment_id, HEARTBEAT_TAG, str(beats))
                 self.renewed = time.monotonic()
 
-    def release(self) -> None:
-        """End this trial's hold, whatever became of its attempt."""
-        if self.experiment_id is None:
-            return
+    def end_claim(self) -> str | None:
+        """Stop renewing this trial's claim and forget it; its experiment id, if it had one."""
         self.stop_heartbeat.set()
-        self.retire(self.experiment_id, "released")  # by its id: no need to read it first
-        self.experiment_id = None
+        experiment_id, self.experiment_id = self.experiment_id, None
+        return experiment_id
+
+    def release(self) -> None:
+        """End this trial's hold, whatever became of its attempt. A claim that `still_held()` found
+        lost was forgotten then: the lease is its taker's, and MLflow would refuse (HTTP 500, an
+        ERROR in the server's log) to rename the experiment the taker deleted."""
+        experiment_id = self.end_claim()
+        if experiment_id is not None:
+            self.retire(experiment_id, "released")  # by its id: no need to read it first
 
 
 class LeaseGuard(Callback):
