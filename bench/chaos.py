@@ -81,9 +81,10 @@ from tests.servers import descendants, process_table
 
 FAULT_KINDS = ("trial_kill", "node_restart", "driver_resubmit", "mlflow_restart", "postgres_restart",
                "trial_pause", "clock_shift")
-LEASE_TIMEOUT_S = 15
+LEASE_TIMEOUT_S = 30
 LEASE_ENV = {"BNEW_LEASE_HEARTBEAT_S": "2", "BNEW_LEASE_TIMEOUT_S": str(LEASE_TIMEOUT_S), "BNEW_LEASE_POLL_S": "2"}
-"""Short lease timings on every node, so a pause outlasts a lease in seconds, not minutes."""
+"""Short lease timings on every node, so a pause outlasts a lease in seconds, not minutes; not so
+short that an MLflow or PostgreSQL restart of seconds (with the server's own start) outlasts it."""
 PAUSE_S = LEASE_TIMEOUT_S + 15
 CLOCK_SHIFTS_S = (-3600, -600, 600, 3600)
 RESUME_WINDOW_S = 60

@@ -159,15 +159,27 @@ def test_a_holder_that_lost_its_lease_is_fenced(tmp_path: Path, server: str) -> 
     assert " 500 " not in log and "ERROR" not in log, log[-3000:]
 
 
-def test_a_holder_that_cannot_renew_stops_training(tracker: Tracker, monkeypatch) -> None:
+def test_a_holder_past_the_timeout_trains_on_only_while_it_holds_the_stage(tracker: Tracker, monkeypatch) -> None:
+    """A holder that has not renewed for the timeout (paused, or MLflow was away) asks before it
+    trains on: while nobody took the stage, it renews and goes on (stopping would only make its
+    retry train again what it has); once another trial has, it stops. MLflow unreachable:
+    tests/test_tracking_outage.py."""
     monkeypatch.setattr(leases, "LEASE_TIMEOUT_S", 5.0)
     lease = Lease(tracker, "k", "a", "run-a")
     assert lease.claim() is None
+    lease.stop_heartbeat.set()  # only the guard renews below
     guard = leases.LeaseGuard(lease)
     guard.on_batch_end(0, 0, 10)  # renewed just now
-    lease.renewed -= 6.0  # as after 6 s of failed renewals
-    with pytest.raises(leases.LeaseLost, match="could not renew the lease of stage k for 6 s"):
-        guard.on_batch_end(0, 1, 10)
+    before = lease.holder().heartbeat
+    lease.renewed -= 6.0  # as after a 6 s pause
+    guard.on_batch_end(0, 1, 10)
+    assert lease.renewal_age() < 5.0 and lease.holder().heartbeat != before  # renewed: a waiter sees it live
+    lease.renewed -= 6.0
+    taker = Lease(tracker, "k", "b", "run-b")
+    taker.move_aside(taker.holder(), "expired")  # as a waiter does once the heartbeat stayed unchanged
+    assert taker.claim() is None
+    with pytest.raises(leases.LeaseLost, match=r"could not renew the lease of stage k for 6 s \(another trial took it over\)"):
+        guard.on_batch_end(0, 2, 10)
 
 
 def test_a_waiting_trial_links_the_run_that_finished_its_stage(tracker: Tracker) -> None:

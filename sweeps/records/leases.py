@@ -15,9 +15,10 @@ holder's, renames it aside and claims the name again; the same uniqueness lets o
 win. Renaming a lease another waiter renamed already does no harm: it only moves a name that is free.
 
 A holder cannot rely on being alive to the others, so it checks:
-- `renewal_age()`: a holder that could not renew for the timeout (MLflow unreachable) stops
-  training the stage (`LeaseGuard` raises `LeaseLost`), as a waiter may take it over by then; its
-  trial's retry resumes from its checkpoint.
+- `renewal_age()`: a holder that could not renew for the timeout (MLflow unreachable, or the
+  holder paused) asks whether it still holds the stage: if so it renews and trains on, else, or
+  if MLflow cannot say, it stops training the stage (`LeaseGuard` raises `LeaseLost`); its
+  trial's retry resumes from its checkpoint, or links the run of the trial that took it over.
 - `still_held()` (fencing): the lease's experiment id is the claim's token. A holder paused past
   the timeout (SIGSTOP, a frozen VM) finds on waking that the name now belongs to another claim;
   before its run becomes the stage's result it checks, and if it lost the stage it records
@@ -192,14 +193,22 @@ class Lease:
 
     def beat(self, experiment_id: str, stop: threading.Event) -> None:
         """Renew the claim `experiment_id` until `stop` is set (each claim has its own)."""
-        beats = 0
         while not stop.wait(HEARTBEAT_S):
-            beats += 1
             # Any failure is a renewal missed, whatever its cause: `LeaseGuard` stops the training
             # once they have gone on for the timeout.
             with contextlib.suppress(Exception):
-                self.tracker.client.set_experiment_tag(experiment_id, HEARTBEAT_TAG, str(beats))
-                self.renewed = time.monotonic()
+                self.renew(experiment_id)
+
+    def renew(self, experiment_id: str) -> None:
+        self.tracker.client.set_experiment_tag(experiment_id, HEARTBEAT_TAG, uuid.uuid4().hex[:8])
+        self.renewed = time.monotonic()
+
+    def renew_if_held(self) -> bool:
+        """Renew now if this trial still holds the stage, else False. Raises if MLflow cannot say."""
+        if not self.still_held():
+            return False
+        self.renew(self.experiment_id)
+        return True
 
     def end_claim(self) -> str | None:
         """Stop renewing this trial's claim and forget it; its experiment id, if it had one."""
@@ -218,13 +227,21 @@ class Lease:
 
 class LeaseGuard(Callback):
     """Stops the training (`LeaseLost`) once its holder has not renewed the stage's lease for
-    `LEASE_TIMEOUT_S`, when a waiter may have taken it over (whose run then is the stage's)."""
+    `LEASE_TIMEOUT_S` and either a waiter took it over (whose run then is the stage's) or MLflow
+    cannot say. A holder paused or cut off that long whose lease nobody took renews it and goes
+    on: a retry would only train again what it has."""
 
     def __init__(self, lease: Lease):
         self.lease = lease
 
     def on_batch_end(self, epoch: int, batch: int, batches_per_epoch: int) -> None:
         age = self.lease.renewal_age()
-        if age > LEASE_TIMEOUT_S:
-            raise LeaseLost(f"could not renew the lease of stage {self.lease.key} for {age:.0f} s "
-                            f"(MLflow unreachable?): stopped training it; the retry resumes from its checkpoint")
+        if age <= LEASE_TIMEOUT_S:
+            return
+        try:
+            if self.lease.renew_if_held():
+                return
+            why = "another trial took it over): stopped training it; the sweep goes on with that trial's run"
+        except (MlflowException, OSError):  # MLflow's client wraps an unreachable server in one of these
+            why = "MLflow unreachable?): stopped training it; the retry resumes from its checkpoint"
+        raise LeaseLost(f"could not renew the lease of stage {self.lease.key} for {age:.0f} s ({why}")
