@@ -636,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--kinds: no fault kind {', '.join(sorted(unknown))} (kinds: {', '.join(FAULT_KINDS)})")
     if args.on_cluster:
         return soak(args, args.on_cluster)
+    # `timeout` or `kill` ends the soak as Ctrl-C does: the cluster's processes are stopped too.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     state = Path(tempfile.mkdtemp(prefix="bnew-chaos-"))
     state.chmod(0o755)  # PostgreSQL runs as its own user
     node_env = {**LEASE_ENV, "BNEW_STORAGE_PATH": str(state / "storage"),

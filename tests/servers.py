@@ -51,7 +51,7 @@ def sweep_env(**extra: str) -> dict[str, str]:
     server or storage unless given in `extra`, and a short temp folder for a Ray it starts with
     `--local` (Ray's socket paths must stay short; other Rays on the machine keep theirs)."""
     env = {key: value for key, value in os.environ.items() if key not in SWEEP_SETTINGS}
-    return {**env, "RAY_TMPDIR": short_temp_dir("bnew-ray-"), **extra}
+    return {**env, **extra, "RAY_TMPDIR": extra.get("RAY_TMPDIR") or short_temp_dir("bnew-ray-")}
 
 
 def free_port() -> int:

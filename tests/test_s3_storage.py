@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from servers import free_port, short_temp_dir, stop
+from servers import free_port, short_temp_dir, stop, sweep_env
 
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
@@ -67,10 +67,10 @@ def reachable(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def sweep_env(extra: dict[str, str], project: Path, ray_tmpdir: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AWS_", "RAY_", "BNEW_", "MLFLOW_")) and k != "BNEW_SWEEP_FAULT"}
-    return {**env, **extra, "BNEW_PROJECT_DIR": str(project), "RAY_TMPDIR": ray_tmpdir}
+def s3_sweep_env(extra: dict[str, str], project: Path, ray_tmpdir: str) -> dict[str, str]:
+    """`servers.sweep_env`, less the caller's AWS settings: the sweep's are moto's, in `extra`."""
+    env = sweep_env(**extra, BNEW_PROJECT_DIR=str(project), RAY_TMPDIR=ray_tmpdir)
+    return {key: value for key, value in env.items() if not key.startswith("AWS_") or key in extra}
 
 
 def write_spec(project: Path, storage_path: str) -> Path:
@@ -120,7 +120,7 @@ def test_killed_driver_resumes_from_the_checkpoints_in_the_bucket(s3_env, tmp_pa
     project.mkdir()
     spec = write_spec(project, f"s3://{BUCKET}/tune")
     ray_tmpdir = short_temp_dir("bnew-ray-")
-    env = sweep_env(aws, project, ray_tmpdir)
+    env = s3_sweep_env(aws, project, ray_tmpdir)
     command = [str(BIN / "bnew"), "sweep", "{}", str(spec), "--local", "--max-batches", "2"]
     log = (tmp_path / "run.log").open("w")
     driver = subprocess.Popen([part.format("run") for part in command], cwd=project, env=env, stdout=log,
@@ -184,8 +184,8 @@ def test_cluster_on_two_machines_refuses_a_local_storage_folder(tmp_path: Path) 
     (state / "ray_port").write_text(str(port))
     token = state / "ray_auth_token"
     token.write_text(os.urandom(32).hex())
-    env = sweep_env({"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)},
-                    project, ray_tmpdir)
+    env = s3_sweep_env({"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)},
+                       project, ray_tmpdir)
     try:
         start_ray_node(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
                         "--include-dashboard", "false", "--ray-client-server-port", str(free_port()),
