@@ -241,7 +241,8 @@ class LeaseGuard(Callback):
         try:
             if self.lease.renew_if_held():
                 return
-            why = "another trial took it over): stopped training it; the sweep goes on with that trial's run"
+            why, then = "another trial took it over", "the sweep goes on with that trial's run"
         except (MlflowException, OSError):  # MLflow's client wraps an unreachable server in one of these
-            why = "MLflow unreachable?): stopped training it; the retry resumes from its checkpoint"
-        raise LeaseLost(f"could not renew the lease of stage {self.lease.key} for {age:.0f} s ({why}")
+            why, then = "MLflow unreachable?", "the retry resumes from its checkpoint"
+        raise LeaseLost(f"could not renew the lease of stage {self.lease.key} for {age:.0f} s ({why}): "
+                        f"stopped training it; {then}")
