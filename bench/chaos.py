@@ -33,7 +33,8 @@ trained run has its model and checkpoint artifacts; and, unless `--no-baseline` 
 sweeps, with other training seeds so that nothing is reused, first run without faults), that the
 faulted run took at most 1.5 times as long. Last
 line: `faults K confirmed of N (kinds ...); stages S; lost L; duplicated D; left running R; time
-ratio T`; the exit status is 1 if any invariant fails. `--known-bad` turns the lease fencing off
+ratio T`, after a line per fault as it lands and, every two minutes, how many stages are done;
+the exit status is 1 if any invariant fails. `--known-bad` turns the lease fencing off
 on the nodes (`BNEW_SWEEP_UNFENCED`), so a paused holder records its run beside the taker's: the
 checker must then fail.
 """
@@ -94,6 +95,8 @@ TRIAL_TITLE = "ray::ImplicitFunc.train"
 """Ray's process title of a function trainable while it trains."""
 CLOCK_DIR = Path(__file__).resolve().parent / "chaos_clock"
 MAX_TIME_RATIO = 1.5
+PROGRESS_S = 120
+"""How often the soak says how many stages are done."""
 
 
 def mlflow_retry_budget_s() -> float:
@@ -208,6 +211,8 @@ class Soak:
         self.killed_jobs: set[str] = set()
         self.unexpected: list[str] = []
         self.resumed_at: list[float] = []
+        self.targeted: set[int] = set()
+        """Trial processes a fault has taken: each trial fault lands on one of its own."""
         self.lock = threading.Lock()
         self.node_lock = threading.Lock()  # one node fault at a time: each waits for Ray to see the node dead
         # One restart of a server at a time: a second one waits for the first's server to be back.
@@ -263,6 +268,30 @@ class Soak:
         return [(pid, each["NodeID"]) for each in ([node] if node else self.worker_nodes())
                 for pid in descendants(each["pid"], table) if table[pid][1].startswith(TRIAL_TITLE)]
 
+    def finished_stages(self) -> int | None:
+        """How many stages have a FINISHED trial run so far (None while MLflow is away)."""
+        try:
+            runs = self.client.search_runs(self.experiment_ids(), f"attributes.status = 'FINISHED' and "
+                                           f"tags.`{ROLE_TAG}` = 'trial'", max_results=5000)
+        except MlflowException:
+            return None
+        return len({run.data.tags.get(STAGE_KEY_TAG) for run in runs})
+
+    def untargeted_trials(self) -> list[tuple[int, str]]:
+        return [trial for trial in self.trials() if trial[0] not in self.targeted]
+
+    def target(self, trials: list[tuple[int, str]]) -> tuple[int, str] | None:
+        """One of `trials` that no other fault has taken, now taken (None if another fault took
+        them all meanwhile): two faults drawn close together, one of them slowed by an outage,
+        could otherwise both count one kill."""
+        with self.lock:
+            free = [trial for trial in trials if trial[0] not in self.targeted]
+            if not free:
+                return None
+            trial = self.rng.choice(free)
+            self.targeted.add(trial[0])
+            return trial
+
     def experiment_ids(self) -> list[str]:
         return [e.experiment_id for e in self.client.search_experiments() if e.name in self.jobs]
 
@@ -316,11 +345,13 @@ class Soak:
     def trial_kill(self, fault: Fault, specs: dict[str, Path]) -> None:
         victim = None
         while victim is None:  # a trial that ended (or whose node another fault killed) meanwhile: the next one
-            trials = wait_until(self.trials, timeout=120)
+            trials = wait_until(self.untargeted_trials, timeout=120)
             if not trials:
                 fault.note = "no trial trained within 120 s"
                 return
-            victim, node_id = self.rng.choice(trials)
+            if (picked := self.target(trials)) is None:
+                continue
+            victim, node_id = picked
             fault.target, fault.phase = f"trial pid {victim}", self.phase(node_id)
             try:
                 os.kill(victim, signal.SIGKILL)
@@ -455,15 +486,18 @@ class Soak:
 
     def trial_pause(self, fault: Fault, specs: dict[str, Path]) -> None:
         held = wait_until(self.waited_holder, timeout=60, every=2)
-        if held:
+        if held and self.target([held[0]]):
             (victim, node_id), key = held
             fault.target = f"trial pid {victim}, holder of stage {key}, which the other sweep waits for"
         else:
-            trials = wait_until(self.trials, timeout=120)
-            if not trials:
-                fault.note = "no trial trained within 180 s"
-                return
-            victim, node_id = self.rng.choice(trials)
+            picked = None
+            while picked is None:
+                trials = wait_until(self.untargeted_trials, timeout=120)
+                if not trials:
+                    fault.note = "no trial trained within 120 s"
+                    return
+                picked = self.target(trials)
+            victim, node_id = picked
             fault.target = f"trial pid {victim} (no stage was waited for)"
         fault.phase = self.phase(node_id)
         os.kill(victim, signal.SIGSTOP)
@@ -552,16 +586,20 @@ def write_specs(folder: Path, prefix: str, args: argparse.Namespace, seed_offset
     return paths
 
 
-def run_sweeps(soak: Soak, paths: list[Path], faults: list[Fault]) -> float:
-    """Submit the sweeps at once, inject `faults` on their schedule while they run; wall seconds
-    until every sweep's latest job has ended."""
+def run_sweeps(soak: Soak, paths: list[Path], faults: list[Fault], label: str) -> float:
+    """Submit the sweeps at once, inject `faults` on their schedule while they run, and say every
+    `PROGRESS_S` how many stages are done; wall seconds until every sweep's latest job has ended."""
     specs = {path.stem: path for path in paths}
     started = time.monotonic()
     for path in paths:
         soak.submit(path)
-    pending, threads = list(faults), []
+    pending, threads, progress_at = list(faults), [], PROGRESS_S
     while soak.running() or any(thread.is_alive() for thread in threads):
         elapsed = time.monotonic() - started
+        if elapsed >= progress_at:
+            finished = soak.finished_stages()
+            print(f"[{elapsed:7.1f} s] {label}: {'?' if finished is None else finished} stages finished", flush=True)
+            progress_at += PROGRESS_S
         while pending and pending[0].scheduled_s <= elapsed and soak.running():
             thread = threading.Thread(target=soak.inject, args=(pending.pop(0), specs), daemon=True)
             thread.start()
@@ -583,12 +621,13 @@ def soak(args: argparse.Namespace, state: Path) -> int:
     soak = Soak(state / "cluster", args.max_batches, history, rng, args.long_outages)
     baseline_s = None
     if not args.no_baseline:
-        baseline_s = run_sweeps(soak, write_specs(state / "baseline", f"chaos{args.seed}-base", args, 1000), [])
+        baseline_s = run_sweeps(soak, write_specs(state / "baseline", f"chaos{args.seed}-base", args, 1000), [],
+                                "fault-free run")
         print(f"fault-free run: {baseline_s:.0f} s", flush=True)
         soak.jobs.clear()
     paths = write_specs(state / "soak", f"chaos{args.seed}", args, 0)
     soak.started = time.monotonic()
-    wall_s = run_sweeps(soak, paths, faults)
+    wall_s = run_sweeps(soak, paths, faults, "faulted run")
     verdict = check(paths, args.max_batches, dict(soak.jobs), soak.jobs_client)
     ray.shutdown()
     if baseline_s and wall_s > MAX_TIME_RATIO * baseline_s:
