@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -86,18 +87,28 @@ def test_the_checker_finds_each_broken_invariant_in_a_real_store(tmp_path: Path)
     assert set(verdict.failures) == {"duplicated", "lost", "left_running", "relogged", "short", "missing_artifacts"}
 
 
-def soak(*options: str, seeds: int = 2, pretrain_epochs: int = 4) -> tuple[int, str]:
+def soak(history: Path, *options: str, seeds: int = 2, pretrain_epochs: int = 4) -> tuple[int, str]:
+    """A short soak, its history written to `history`. The soak keeps its state (stores, logs,
+    checkpoints) for a person to read; a test's is removed, with the PostgreSQL and Ray folders it names."""
     done = subprocess.run([sys.executable, "-m", "bench.chaos", "--seeds", str(seeds), "--pretrain-epochs", str(pretrain_epochs),
-                           "--epochs", "3", "--no-baseline", *options], cwd=REPO, capture_output=True, text=True, timeout=1800)
-    return done.returncode, done.stdout + done.stderr
+                           "--epochs", "3", "--no-baseline", "--history", str(history), *options],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    output = done.stdout + done.stderr
+    if found := re.search(r"state in (\S+)", output):
+        cluster = Path(found.group(1)) / "cluster"
+        for named in (cluster / "postgres" / "root", cluster / "ray_tmpdir"):
+            if named.exists():
+                shutil.rmtree(named.read_text().strip(), ignore_errors=True)
+        shutil.rmtree(cluster.parent, ignore_errors=True)
+    return done.returncode, output
 
 
 @pytest.mark.long  # a loopback cluster with PostgreSQL, minutes
 @pytest.mark.debian("postgresql")
-def test_a_short_soak_loses_nothing_and_the_checker_catches_unfenced_holders() -> None:
+def test_a_short_soak_loses_nothing_and_the_checker_catches_unfenced_holders(tmp_path: Path) -> None:
     # No outage past MLflow's retry budget: minutes of it would stop both sweeps' drivers while
     # they start, and the faults after it would find no trial to land on (the goal soak has one).
-    code, output = soak("--seed", "4", "--faults", "8", "--mean-gap", "8", "--long-outages", "0")
+    code, output = soak(tmp_path / "soak.jsonl", "--seed", "4", "--faults", "8", "--mean-gap", "8", "--long-outages", "0")
     last = LAST_LINE.search(output)
     assert last, output[-5000:]
     confirmed, injected, kinds, stages, lost, duplicated, running = map(int, last.groups()[:7])
@@ -108,11 +119,11 @@ def test_a_short_soak_loses_nothing_and_the_checker_catches_unfenced_holders() -
     # run beside the taker's, and the checker says so. One seed: each sweep's pretrain trial has a
     # node of its own from the start, so one of them waits for the other's (with two seeds, sweep
     # `a`'s two pretrain trials could take both nodes and finish before `b` waited for either).
-    code, output = soak("--seed", "2", "--faults", "1", "--kinds", "trial_pause", "--known-bad",
-                        seeds=1, pretrain_epochs=60)
+    code, output = soak(tmp_path / "known-bad.jsonl", "--seed", "2", "--faults", "1", "--kinds", "trial_pause",
+                        "--known-bad", seeds=1, pretrain_epochs=60)
     last = LAST_LINE.search(output)
     assert last and code == 1, output[-5000:]
     assert int(last.group(1)) == 1 and int(last.group(6)) == 1, output[-5000:]
-    history = Path(re.search(r"history in (\S+);", output).group(1)).read_text().splitlines()
+    history = (tmp_path / "known-bad.jsonl").read_text().splitlines()
     (pause,) = [json.loads(line)["fault"] for line in history if '"fault"' in line]
     assert "which the other sweep waits for" in pause["target"], pause
