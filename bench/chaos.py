@@ -268,14 +268,15 @@ class Soak:
         return [(pid, each["NodeID"]) for each in ([node] if node else self.worker_nodes())
                 for pid in descendants(each["pid"], table) if table[pid][1].startswith(TRIAL_TITLE)]
 
-    def finished_stages(self) -> int | None:
-        """How many stages have a FINISHED trial run so far (None while MLflow is away)."""
+    def say_progress(self, label: str, elapsed: float) -> None:
+        """How many stages have a FINISHED trial run so far ('?' while MLflow is away)."""
         try:
             runs = self.client.search_runs(self.experiment_ids(), f"attributes.status = 'FINISHED' and "
                                            f"tags.`{ROLE_TAG}` = 'trial'", max_results=5000)
+            finished = str(len({run.data.tags.get(STAGE_KEY_TAG) for run in runs}))
         except MlflowException:
-            return None
-        return len({run.data.tags.get(STAGE_KEY_TAG) for run in runs})
+            finished = "?"
+        print(f"[{elapsed:7.1f} s] {label}: {finished} stages finished", flush=True)
 
     def untargeted_trials(self) -> list[tuple[int, str]]:
         return [trial for trial in self.trials() if trial[0] not in self.targeted]
@@ -596,9 +597,8 @@ def run_sweeps(soak: Soak, paths: list[Path], faults: list[Fault], label: str) -
     pending, threads, progress_at = list(faults), [], PROGRESS_S
     while soak.running() or any(thread.is_alive() for thread in threads):
         elapsed = time.monotonic() - started
-        if elapsed >= progress_at:
-            finished = soak.finished_stages()
-            print(f"[{elapsed:7.1f} s] {label}: {'?' if finished is None else finished} stages finished", flush=True)
+        if elapsed >= progress_at:  # in a thread: an MLflow outage must not hold up the faults or the clock
+            threading.Thread(target=soak.say_progress, args=(label, elapsed), daemon=True).start()
             progress_at += PROGRESS_S
         while pending and pending[0].scheduled_s <= elapsed and soak.running():
             thread = threading.Thread(target=soak.inject, args=(pending.pop(0), specs), daemon=True)
