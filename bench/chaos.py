@@ -293,6 +293,17 @@ class Soak:
             self.targeted.add(trial[0])
             return trial
 
+    def pick_trial(self, fault: Fault) -> tuple[int, str] | None:
+        """A training trial that no other fault has taken, now taken by `fault`; None (noted on
+        `fault`) if none trained within 120 s."""
+        while True:
+            trials = wait_until(self.untargeted_trials, timeout=120)
+            if not trials:
+                fault.note = "no trial trained within 120 s"
+                return None
+            if (picked := self.target(trials)) is not None:
+                return picked
+
     def experiment_ids(self) -> list[str]:
         return [e.experiment_id for e in self.client.search_experiments() if e.name in self.jobs]
 
@@ -346,12 +357,8 @@ class Soak:
     def trial_kill(self, fault: Fault, specs: dict[str, Path]) -> None:
         victim = None
         while victim is None:  # a trial that ended (or whose node another fault killed) meanwhile: the next one
-            trials = wait_until(self.untargeted_trials, timeout=120)
-            if not trials:
-                fault.note = "no trial trained within 120 s"
+            if (picked := self.pick_trial(fault)) is None:
                 return
-            if (picked := self.target(trials)) is None:
-                continue
             victim, node_id = picked
             fault.target, fault.phase = f"trial pid {victim}", self.phase(node_id)
             try:
@@ -491,13 +498,8 @@ class Soak:
             (victim, node_id), key = held
             fault.target = f"trial pid {victim}, holder of stage {key}, which the other sweep waits for"
         else:
-            picked = None
-            while picked is None:
-                trials = wait_until(self.untargeted_trials, timeout=120)
-                if not trials:
-                    fault.note = "no trial trained within 120 s"
-                    return
-                picked = self.target(trials)
+            if (picked := self.pick_trial(fault)) is None:
+                return
             victim, node_id = picked
             fault.target = f"trial pid {victim} (no stage was waited for)"
         fault.phase = self.phase(node_id)
